@@ -1,0 +1,181 @@
+"""Weight kernels over GGUF blocks: one entry point per operation, dispatched on the quant type.
+
+A weight matrix is passed as ``(qtype, w)``: ``qtype`` a ``gguf.GGMLQuantizationType`` and ``w`` a
+uint8 array of shape (n_out, row_bytes), C-contiguous, holding each output row's GGUF blocks as
+memory-mapped (F32/F16/BF16 data viewed as uint8). Blocks are decoded where they lie: no call
+copies or dequantises the whole matrix. Any alignment works.
+
+Every function checks shapes, dtypes and contiguity here, since the numba kernels (kernels/cpu.py)
+check no bounds, and raises ValueError on bad input. Results are bit-identical whatever the
+thread count: each output row is computed by one thread, always in the same order.
+"""
+
+import numba
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .config import drop_stale_cache
+
+drop_stale_cache()  # before any kernel loads its cache
+
+from . import cpu, sparse  # noqa: E402
+
+SUPPORTED_TYPES = frozenset({
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q6_K,
+})
+
+_U8, _F32 = np.dtype(np.uint8), np.dtype(np.float32)
+_n_chunks = numba.get_num_threads()  # row chunks per call, one per thread (get_num_threads costs 1 us)
+
+
+def set_threads(n: int) -> None:
+    """Number of threads the kernels use (numba.set_num_threads, which is per calling thread)."""
+    global _n_chunks
+    limit = numba.config.NUMBA_NUM_THREADS
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= limit:
+        raise ValueError(f"thread count must be an integer in [1, {limit}], got {n!r}")
+    numba.set_num_threads(int(n))
+    _n_chunks = int(n)
+
+
+def get_threads() -> int:
+    """Number of threads the kernels use."""
+    return numba.get_num_threads()
+
+
+def matvec(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[n_out] f32 = W[n_out, n_in] @ x[n_in] f32 (decode: one token)."""
+    n_in = _weight(qtype, w)
+    _vector(x, n_in, "x", "W's n_in")
+    _vector(out, w.shape[0], "out", "W's n_out", writable=True)
+    _no_overlap(out, x)
+    cpu.matvec(int(qtype), _readonly(w), x, out, _n_chunks)
+
+
+def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[T, n_out] f32 = x[T, n_in] f32 @ W[n_out, n_in].T (prefill: T tokens).
+
+    T <= 2 runs matvec per token. Otherwise each thread dequantises tiles of its rows (256 KiB of f32)
+    and multiplies them with all tokens in numba: BLAS would add a second thread pool, and on few
+    cores its threads and numba's spin against each other (3x slower here).
+    """
+    n_in = _weight(qtype, w)
+    _matrix(x, None, n_in, "x", "(T, W's n_in)")
+    _matrix(out, x.shape[0], w.shape[0], "out", "(x's T, W's n_out)", writable=True)
+    _no_overlap(out, x)
+    if x.shape[0] <= 2:  # one mat-vec per token is faster below the 4-token register block
+        for t in range(x.shape[0]):
+            cpu.matvec(int(qtype), _readonly(w), x[t], out[t], _n_chunks)
+    else:
+        cpu.matmul(int(qtype), _readonly(w), x, out, _n_chunks)
+
+
+def get_rows(qtype: GGMLQuantizationType, w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+    """out[T, n_in] f32 = W[ids] dequantised (embedding lookup); ids: T integers in [0, n_out)."""
+    n_in, n_out = _weight(qtype, w), w.shape[0]
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise ValueError(f"ids must be a 1-D integer array, got {_describe(ids)}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n_out):
+        raise ValueError(f"ids must lie in [0, {n_out}) since W has {n_out} rows, got values from "
+                         f"{ids.min()} to {ids.max()}")
+    _matrix(out, ids.size, n_in, "out", "(len(ids), W's n_in)", writable=True)
+    ids = np.array(ids, dtype=np.int64)  # a writable copy: the type matmul's tile loop uses, one compile
+    cpu.get_rows(int(qtype), _readonly(w), ids, out, _n_chunks)
+
+
+def gather_matvec(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, x: np.ndarray,
+                  out: np.ndarray) -> None:
+    """out[n] f32 = W[rows] @ x[n_in] f32: the active rows of gate or up; rows int32[n] in [0, n_out)."""
+    n_in = _weight(qtype, w)
+    _rows(rows, w.shape[0])
+    _vector(x, n_in, "x", "W's n_in")
+    _vector(out, rows.shape[0], "out", "len(rows)", writable=True)
+    _no_overlap(out, x)
+    sparse.gather_matvec(int(qtype), _readonly(w), rows, x, out, _n_chunks)
+
+
+def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, coeffs: np.ndarray,
+                out: np.ndarray) -> None:
+    """out[n_embd] f32 = sum_k coeffs[k] * W[rows[k]]: the down projection over active neurons, W the
+    neuron-major down matrix [n_ff, n_embd]; rows int32[n] in [0, n_ff), coeffs f32[n] (zeros skipped)."""
+    n_embd = _weight(qtype, w)
+    if n_embd % 16:
+        raise ValueError(f"sparse_axpy needs rows of a multiple of 16 values, got {n_embd}")
+    _rows(rows, w.shape[0])
+    _vector(coeffs, rows.shape[0], "coeffs", "len(rows)")
+    _vector(out, n_embd, "out", "W's row length", writable=True)
+    _no_overlap(out, coeffs)
+    sparse.sparse_axpy(int(qtype), _readonly(w), rows, coeffs, out, _n_chunks)
+
+
+# ---- checks (messages are built only on failure: these run ~200 times per token) ---------------
+
+def _weight(qtype, w) -> int:
+    """n_in of a valid weight matrix w of type qtype, else ValueError."""
+    if qtype not in SUPPORTED_TYPES:
+        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise ValueError(f"quant type {getattr(qtype, 'name', qtype)!r} is not supported by the kernels "
+                         f"(supported: {supported}); dequantize such weights to F32 at load")
+    if not isinstance(w, np.ndarray) or (w.dtype is not _U8 and w.dtype != _U8) or w.ndim != 2:
+        raise ValueError(f"w must be a uint8 array (n_out, row_bytes) of GGUF blocks, got {_describe(w)}; "
+                         f"pass float weights as data.view(np.uint8).reshape(n_out, -1)")
+    if not w.flags.c_contiguous:
+        raise ValueError(f"w must be C-contiguous, got strides {w.strides}: pass the tensor as "
+                         f"memory-mapped, or np.ascontiguousarray it")
+    block, size = GGML_QUANT_SIZES[qtype]
+    if w.shape[1] == 0 or w.shape[1] % size:
+        raise ValueError(f"w rows hold {w.shape[1]} bytes, not a positive multiple of the {size}-byte "
+                         f"{GGMLQuantizationType(qtype).name} block: wrong quant type or a mis-shaped tensor")
+    return w.shape[1] // size * block
+
+
+def _rows(rows, n_out):
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.int32 or rows.ndim != 1 or not rows.flags.c_contiguous:
+        raise ValueError(f"rows must be a contiguous 1-D int32 array, got {_describe(rows)}")
+    if rows.size and (rows.min() < 0 or rows.max() >= n_out):
+        raise ValueError(f"rows must lie in [0, {n_out}), got values from {rows.min()} to {rows.max()}")
+
+
+def _vector(a, n, name, size_name, writable=False):
+    if not isinstance(a, np.ndarray) or (a.dtype is not _F32 and a.dtype != _F32) or a.shape != (n,):
+        raise ValueError(f"{name} must be a float32 array of shape ({n},) ({size_name}), got {_describe(a)}")
+    _contiguous(a, name, writable)
+
+
+def _matrix(a, rows, cols, name, shape_names, writable=False):
+    if (not isinstance(a, np.ndarray) or (a.dtype is not _F32 and a.dtype != _F32) or a.ndim != 2
+            or a.shape[1] != cols or (rows is not None and a.shape[0] != rows)):
+        expected = f"({'T' if rows is None else rows}, {cols})"
+        raise ValueError(f"{name} must be a float32 array of shape {expected} {shape_names}, "
+                         f"got {_describe(a)}")
+    _contiguous(a, name, writable)
+
+
+def _contiguous(a, name, writable):
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {a.strides}: np.ascontiguousarray it first")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only: pass a writable output array")
+
+
+def _no_overlap(out, x):
+    if np.may_share_memory(out, x):
+        raise ValueError("out overlaps x: the kernels write out while reading x; use separate buffers")
+
+
+def _describe(a) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype} array of shape {a.shape}"
+    return type(a).__name__
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: memory-mapped weights are read-only, and one array type means one compile
+    (numba compiles read-only and writable arrays separately)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a

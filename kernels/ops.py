@@ -1,0 +1,104 @@
+"""Numba kernels for the non-weight steps of a block: RMSNorm, RoPE, attention,
+the FFN activation. Plain functions over float32 arrays with an `out` argument; the NumPy
+references live in tests/llama_reference.py and tests/test_ops.py."""
+
+import numpy as np
+from numba import njit, prange
+
+from kernels.config import KERNEL, SERIAL_KERNEL
+
+SILU, RELU, FATRELU = 0, 1, 2
+
+
+@njit(**SERIAL_KERNEL)
+def rms_norm(x, weight, eps, out):
+    """out[T, n] = x[T, n] / sqrt(mean(x^2) + eps) * weight[n]; all float32."""
+    for t in range(x.shape[0]):
+        ss = np.float32(0.0)
+        for i in range(x.shape[1]):
+            ss += x[t, i] * x[t, i]
+        scale = np.float32(1.0) / np.sqrt(ss / x.shape[1] + eps)
+        for i in range(x.shape[1]):
+            out[t, i] = x[t, i] * scale * weight[i]
+
+
+@njit(**SERIAL_KERNEL)
+def rope(q, k, pos, cos, sin):
+    """RoPE (GGML normal mode: adjacent pairs) in place on q[T, n_head, hd] and k[T, n_kv, hd] at
+    positions pos..pos+T-1; cos, sin: [n_ctx, rope_dim / 2] float32."""
+    n_rot = cos.shape[1]
+    for t in range(q.shape[0]):
+        p = pos + t
+        for x in (q[t], k[t]):
+            for h in range(x.shape[0]):
+                for i in range(n_rot):
+                    x0, x1 = x[h, 2 * i], x[h, 2 * i + 1]
+                    x[h, 2 * i] = x0 * cos[p, i] - x1 * sin[p, i]
+                    x[h, 2 * i + 1] = x0 * sin[p, i] + x1 * cos[p, i]
+
+
+@njit(**KERNEL)
+def attention(q, k_cache, v_cache, pos, out, scores):
+    """Causal grouped-query attention. q[T, n_head, hd] at positions pos..pos+T-1 attends to cache
+    positions 0..its own; k_cache, v_cache [n_kv, n_ctx, hd]; out[T, n_head, hd];
+    scores: scratch [n_head, n_ctx]. One thread per head, the same order whatever the thread count."""
+    T, n_head, hd = q.shape
+    group = n_head // k_cache.shape[0]
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for h in prange(n_head):
+        kv = h // group
+        s = scores[h]
+        for t in range(T):
+            n = pos + t + 1
+            peak = np.float32(-np.inf)
+            for j in range(n):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    acc += q[t, h, d] * k_cache[kv, j, d]
+                s[j] = acc * scale
+                peak = max(peak, s[j])
+            total = np.float32(0.0)
+            for j in range(n):
+                s[j] = np.exp(s[j] - peak)
+                total += s[j]
+            o = out[t, h]
+            o[:] = 0.0
+            for j in range(n):
+                w = s[j] / total
+                for d in range(hd):
+                    o[d] += w * v_cache[kv, j, d]
+
+
+@njit(**SERIAL_KERNEL, inline="always")
+def _act(g, kind, threshold):
+    if kind == SILU:
+        return g / (np.float32(1.0) + np.exp(-g))
+    if kind == RELU:
+        return max(g, np.float32(0.0))
+    return g if g >= threshold else np.float32(0.0)
+
+
+@njit(**SERIAL_KERNEL)
+def ffn_activation(gate, up, kind, threshold):
+    """gate[T, n_ff] <- act(gate) * up[T, n_ff] in place; kind SILU, RELU or FATRELU (keeps g >= threshold)."""
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            gate[t, i] = _act(gate[t, i], kind, threshold) * up[t, i]
+
+
+@njit(**SERIAL_KERNEL)
+def activation(x, kind, threshold):
+    """x[n] <- act(x) in place (no up factor): the activation whose zeros sparse modes skip."""
+    for i in range(x.shape[0]):
+        x[i] = _act(x[i], kind, threshold)
+
+
+@njit(**SERIAL_KERNEL)
+def nonzero(x, idx):
+    """Write the indices of the non-zero entries of x[n] into idx[n] int32, ascending; return their count."""
+    n = 0
+    for i in range(x.shape[0]):
+        if x[i] != 0:
+            idx[n] = i
+            n += 1
+    return n

@@ -1,0 +1,65 @@
+"""Numba kernels that touch only the active FFN neurons, over GGUF blocks read in place.
+
+gather_matvec: the dot products of a list of rows of gate or up with x. sparse_axpy: the sum of
+the active neurons' down columns, each stored as one contiguous row of a neuron-major matrix,
+scaled by their activations. Both are generic in the format through cpu.with_format, as the dense
+kernels are; callers (kernels/__init__.py) check shapes and index ranges.
+"""
+
+from numba import njit, prange
+
+from kernels.config import HELPER, KERNEL
+from kernels.cpu import decode, dot_row, tail_buffers, with_format
+from kernels.simd import LANES, load_f32, store_f32, zeros
+
+
+@njit(**HELPER)
+def _gather_dots(fmt, w, rows, x, out, span):
+    """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi)."""
+    lo, hi = span
+    wbuf, xbuf = tail_buffers(x)
+    for k in range(lo, hi):
+        out[k] = dot_row(fmt, w[rows[k]], x, wbuf, xbuf)
+
+
+@njit(**HELPER)
+def _axpy_groups(fmt, w, rows, coeffs, out, span):
+    """out[16g:16g+16] = sum over k of coeffs[k] * W[rows[k], 16g:16g+16] for groups g in span = (lo, hi).
+
+    Rows outer, so each active row's segment streams from memory once; zero coefficients are
+    skipped; k ascends, so the sums do not depend on the chunking."""
+    lo, hi = span
+    for g in range(lo, hi):
+        store_f32(out, g * LANES, zeros())
+    for k in range(rows.shape[0]):
+        c = coeffs[k]
+        if c != 0.0:
+            row = w[rows[k]]
+            for g in range(lo, hi):
+                store_f32(out, g * LANES, load_f32(out, g * LANES) + decode(fmt, row, g) * c)
+
+
+@njit(**KERNEL)
+def gather_matvec(fmt, w, rows, x, out, n_chunks):
+    """out[k] = W[rows[k]] @ x.
+
+    fmt: GGML type code; w: uint8[n_out, row_bytes]; rows: int32[n], each in [0, n_out);
+    x: float32[n_in]; out: float32[n], written; n_chunks: chunks of rows, one per thread.
+    """
+    n = rows.shape[0]
+    for c in prange(n_chunks):
+        with_format(fmt, _gather_dots, w, rows, x, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
+
+
+@njit(**KERNEL)
+def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
+    """out = sum over k of coeffs[k] * W[rows[k]] (dequantised): the down projection over active neurons.
+
+    fmt: GGML type code; w: uint8[n_ff, row_bytes] neuron-major, n_embd values per row, n_embd a
+    multiple of 16; rows: int32[n], each in [0, n_ff); coeffs: float32[n]; out: float32[n_embd],
+    written; n_chunks: chunks of 16-value column groups, one per thread.
+    """
+    n_groups = out.shape[0] // LANES
+    for c in prange(n_chunks):
+        with_format(fmt, _axpy_groups, w, rows, coeffs, out,
+                    (c * n_groups // n_chunks, (c + 1) * n_groups // n_chunks))

@@ -1,0 +1,175 @@
+"""The weight kernels (matvec, matmul, get_rows) against the gguf package's dequantisation."""
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+import kernels
+from kernels import reference, simd
+
+rng = np.random.default_rng(0)
+FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
+QUANT_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q6_K]
+
+
+def weights(qtype: Q, n_out: int, n_in: int) -> np.ndarray:
+    """uint8 (n_out, row_bytes) blocks of a random matrix, as a GGUF file holds them."""
+    if qtype == Q.Q6_K:  # gguf cannot quantise Q6_K: random blocks with a sane f16 scale d
+        w = rng.integers(0, 256, (n_out, n_in // 256, 210), dtype=np.uint8)
+        w[:, :, 208:] = rng.uniform(-0.01, 0.01, (n_out, n_in // 256, 1)).astype(np.float16).view(np.uint8)
+        return w.reshape(n_out, -1)
+    values = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    return quantize(values, qtype).view(np.uint8).reshape(n_out, -1)
+
+
+def shapes(qtype: Q) -> list[tuple[int, int]]:
+    """(n_out, n_in): one row, n_out a multiple of nothing, n_in of one block and several;
+    float types also n_in not a multiple of the 16 lanes."""
+    block = max(GGML_QUANT_SIZES[qtype][0], 32)
+    cases = [(1, block), (37, block), (5, 3 * block), (70, 2 * block)]
+    if qtype in FLOAT_TYPES:
+        cases += [(3, 17), (2, 5), (4, 33), (1, 1), (9, 47)]
+    return cases
+
+
+def assert_dots_close(out, qtype, w, x):
+    """Each output within 1e-5 of its row's sum of |W[r, i] x[i]| (x: one vector or T rows)."""
+    W = reference.dequantize(qtype, w).astype(np.float64)
+    scale = np.abs(np.atleast_2d(x).astype(np.float64)) @ np.abs(W).T  # [T, n_out]
+    ref = np.atleast_2d(x).astype(np.float64) @ W.T
+    err = np.abs(np.atleast_2d(out) - ref)
+    assert (err <= 1e-5 * scale + 1e-30).all(), f"max relative error {(err / (scale + 1e-30)).max():.2e}"
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda q: q.name)
+def test_matvec(qtype):
+    for n_out, n_in in shapes(qtype):
+        w, x = weights(qtype, n_out, n_in), rng.standard_normal(n_in).astype(np.float32)
+        out = np.full(n_out, np.nan, np.float32)
+        kernels.matvec(qtype, w, x, out)
+        assert_dots_close(out, qtype, w, x)
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 2, 3, 7])
+def test_matmul(qtype, T):
+    for n_out, n_in in shapes(qtype):
+        w, x = weights(qtype, n_out, n_in), rng.standard_normal((T, n_in)).astype(np.float32)
+        out = np.full((T, n_out), np.nan, np.float32)
+        kernels.matmul(qtype, w, x, out)
+        assert_dots_close(out, qtype, w, x)
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES, ids=lambda q: q.name)
+def test_get_rows(qtype):
+    for n_out, n_in in shapes(qtype):
+        w = weights(qtype, n_out, n_in)
+        ids = np.array([n_out - 1, 0, n_out - 1, n_out // 2, 0], dtype=np.int32)  # repeated ids
+        out = np.full((len(ids), n_in), np.nan, np.float32)
+        kernels.get_rows(qtype, w, ids, out)
+        ref = reference.get_rows(qtype, w, ids)
+        # Q4_1 rounds once (fused q * d + m) where gguf rounds twice: within one ulp of the row max
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-7 * np.abs(ref).max())
+
+
+def test_matmul_large_tile_and_many_tokens():
+    """Several tiles per thread, tokens and rows not multiples of the 4 x 4 register block."""
+    w, x = weights(Q.Q4_1, 203, 576), rng.standard_normal((13, 576)).astype(np.float32)
+    out = np.empty((13, 203), np.float32)
+    kernels.matmul(Q.Q4_1, w, x, out)
+    assert_dots_close(out, Q.Q4_1, w, x)
+
+
+def test_empty_inputs():
+    w = weights(Q.Q8_0, 4, 32)
+    kernels.matmul(Q.Q8_0, w, np.zeros((0, 32), np.float32), np.zeros((0, 4), np.float32))
+    kernels.get_rows(Q.Q8_0, w, np.zeros(0, np.int64), np.zeros((0, 32), np.float32))
+
+
+def test_memory_mapped_weights(tmp_path):
+    """Read-only, memory-mapped blocks are read in place."""
+    w = weights(Q.Q4_0, 9, 64)
+    path = tmp_path / "w.bin"
+    w.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=w.shape)
+    x, out = rng.standard_normal(64).astype(np.float32), np.empty(9, np.float32)
+    kernels.matvec(Q.Q4_0, mapped, x, out)
+    assert_dots_close(out, Q.Q4_0, w, x)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
+def test_same_bits_whatever_the_thread_count():
+    w = weights(Q.Q4_1, 1001, 576)
+    x = rng.standard_normal((7, 576)).astype(np.float32)
+    results = []
+    before = kernels.get_threads()
+    try:
+        for n in (1, 2):
+            kernels.set_threads(n)
+            mv, mm = np.empty(1001, np.float32), np.empty((7, 1001), np.float32)
+            kernels.matvec(Q.Q4_1, w, x[0], mv)
+            kernels.matmul(Q.Q4_1, w, x, mm)
+            results.append((mv, mm))
+    finally:
+        kernels.set_threads(before)
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_to_float_every_bit_pattern(monkeypatch, native):
+    """Both f16 decoders (hardware conversion and the integer fallback) are exact for all 65536
+    patterns, subnormals, infinities and NaNs included."""
+    monkeypatch.setattr(simd, "_NATIVE_HALF", native)
+
+    @numba.njit  # compiled now, under the patched setting; not cached
+    def decode_all(raw, out):
+        for i in range(0, raw.shape[0], 32):
+            simd.store_f32(out, i // 2, simd.half_to_f32(simd.load_u16(raw, i)))
+        for i in range(0, raw.shape[0], 2):
+            out[out.shape[0] // 2 + i // 2] = simd.load_f16(raw, i)
+
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(2 * 65536, np.float32)
+    decode_all(bits.view(np.uint8), out)
+    expected = bits.view(np.float16).astype(np.float32)
+    for got in (out[:65536], out[65536:]):
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+def test_bad_input_raises_value_error():
+    w, x, out = weights(Q.Q4_0, 8, 64), np.zeros(64, np.float32), np.zeros(8, np.float32)
+    read_only = np.zeros(8, np.float32)
+    read_only.setflags(write=False)
+    bad_calls = {
+        "x too short": lambda: kernels.matvec(Q.Q4_0, w, x[:32], out),
+        "x float64": lambda: kernels.matvec(Q.Q4_0, w, x.astype(np.float64), out),
+        "out wrong shape": lambda: kernels.matvec(Q.Q4_0, w, x, np.zeros(7, np.float32)),
+        "unsupported type": lambda: kernels.matvec(Q.Q5_0, w, x, out),
+        "row bytes not whole blocks": lambda: kernels.matvec(Q.Q4_0, w[:, :30].copy(), x, out),
+        "w not uint8": lambda: kernels.matvec(Q.Q4_0, w.view(np.int8), x, out),
+        "w 1-D": lambda: kernels.matvec(Q.Q4_0, w.reshape(-1), x, out),
+        "w non-contiguous": lambda: kernels.matvec(Q.Q4_0, w[::2], x, out[:4]),
+        "x non-contiguous": lambda: kernels.matvec(Q.Q4_0, w, np.zeros(128, np.float32)[::2], out),
+        "out read-only": lambda: kernels.matvec(Q.Q4_0, w, x, read_only),
+        "out overlaps x": lambda: kernels.matvec(Q.F32, np.zeros((64, 256), np.uint8), x, x),
+        "matmul x wrong width": lambda: kernels.matmul(Q.Q4_0, w, np.zeros((3, 32), np.float32), np.zeros((3, 8), np.float32)),
+        "matmul out wrong T": lambda: kernels.matmul(Q.Q4_0, w, np.zeros((3, 64), np.float32), np.zeros((2, 8), np.float32)),
+        "matmul x non-contiguous": lambda: kernels.matmul(Q.Q4_0, w, np.zeros((3, 128), np.float32)[:, ::2],
+                                                          np.zeros((3, 8), np.float32)),
+        "get_rows id too large": lambda: kernels.get_rows(Q.Q4_0, w, np.array([8]), np.zeros((1, 64), np.float32)),
+        "get_rows negative id": lambda: kernels.get_rows(Q.Q4_0, w, np.array([-1]), np.zeros((1, 64), np.float32)),
+        "get_rows float ids": lambda: kernels.get_rows(Q.Q4_0, w, np.array([1.0]), np.zeros((1, 64), np.float32)),
+        "get_rows out wrong shape": lambda: kernels.get_rows(Q.Q4_0, w, np.array([1, 2]), np.zeros((1, 64), np.float32)),
+        "threads zero": lambda: kernels.set_threads(0),
+    }
+    for name, call in bad_calls.items():
+        try:
+            call()
+        except ValueError:
+            continue
+        pytest.fail(f"no ValueError for {name}")

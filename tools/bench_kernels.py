@@ -1,0 +1,138 @@
+"""Benchmark the weight kernels: mat-vec speed per quant type, as llama.cpp decode would use them.
+
+For each type: ms per matvec call (median over repeats) and GB/s of weight bytes read, for an
+11008 x 4096 matrix (a 7B FFN) and the SmolLM2-135M shapes (n_out x n_in). Each timing streams
+through distinct matrices, --stream-mb in all for the big shape and 128 MB (4x the L3 cache here)
+for the small ones, so they are read from memory as in a real decode step; "hot" repeats one
+matrix (in cache for the small shapes), which shows the per-call overhead. With --prefill, matmul
+(x[T, n_in] @ W.T) too, in GFLOP/s.
+
+    python tools/bench_kernels.py            # 2 threads, every supported type
+    python tools/bench_kernels.py -t 1 --types Q4_0,Q8_0 --prefill
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kernels  # noqa: E402
+from kernels import cpu  # noqa: E402
+
+BIG = (11008, 4096)
+SMALL = [(576, 576), (576, 1536), (1536, 576), (49152, 576)]  # SmolLM2: attn, ffn_down, ffn_up, output
+ORDER = ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "F16", "BF16", "F32"]
+
+
+def random_weights(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (n_out, row_bytes) of valid blocks: random quants, f16 scales of plausible size."""
+    if qtype == GGMLQuantizationType.F32:
+        return rng.standard_normal((n_out, n_in), dtype=np.float32).view(np.uint8)
+    if qtype == GGMLQuantizationType.F16:
+        return rng.standard_normal((n_out, n_in), dtype=np.float32).astype(np.float16).view(np.uint8)
+    if qtype == GGMLQuantizationType.BF16:
+        return (rng.standard_normal((n_out, n_in), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    block, size = GGML_QUANT_SIZES[qtype]
+    w = rng.integers(0, 256, (n_out, n_in // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, (n_out, n_in // block, 2)).astype(np.float16).view(np.uint8)
+    if qtype == GGMLQuantizationType.Q6_K:
+        w[:, :, 208:210] = scales[:, :, 0:2]  # d is the last field
+    elif qtype == GGMLQuantizationType.Q4_1:
+        w[:, :, 0:4] = scales  # d and m
+    else:
+        w[:, :, 0:2] = scales[:, :, 0:2]
+    return w.reshape(n_out, -1)
+
+
+def time_calls(fn, mats, repeats: int) -> float:
+    """Median over repeats of the seconds per call, cycling through mats once per repeat."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for m in mats:
+            fn(m)
+        times.append((time.perf_counter() - t0) / len(mats))
+    return float(np.median(times))
+
+
+def bench_matvec(qtype, shape, stream_bytes, repeats, rng):
+    n_out, n_in = shape
+    first = random_weights(qtype, n_out, n_in, rng)
+    n_mats = max(2, -(-stream_bytes // first.nbytes))
+    mats = [first] + [random_weights(qtype, n_out, n_in, rng) for _ in range(n_mats - 1)]
+    x = rng.standard_normal(n_in, dtype=np.float32)
+    out = np.empty(n_out, np.float32)
+    kernels.matvec(qtype, first, x, out)  # compile or load from cache
+    streamed = time_calls(lambda w: kernels.matvec(qtype, w, x, out), mats, repeats)
+    hot = time_calls(lambda w: kernels.matvec(qtype, w, x, out), [first] * 200, repeats)
+    return first.nbytes, n_mats, streamed, hot
+
+
+def bench_matmul(qtype, shape, T, repeats, rng):
+    n_out, n_in = shape
+    w = random_weights(qtype, n_out, n_in, rng)
+    x = rng.standard_normal((T, n_in), dtype=np.float32)
+    out = np.empty((T, n_out), np.float32)
+    kernels.matmul(qtype, w, x, out)
+    return time_calls(lambda m: kernels.matmul(qtype, m, x, out), [w] * max(1, 64 // T), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-t", "--threads", type=int, default=2, help="kernel threads (default 2)")
+    parser.add_argument("--types", default=",".join(ORDER), help="comma-separated quant types")
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes; the median is reported")
+    parser.add_argument("--stream-mb", type=int, default=600, help="MB of distinct matrices per timing")
+    parser.add_argument("--prefill", action="store_true", help="also time matmul at T = 7 and 512")
+    args = parser.parse_args()
+    names = [n.strip().upper() for n in args.types.split(",") if n.strip()]
+    for n in names:
+        if n not in GGMLQuantizationType.__members__ or GGMLQuantizationType[n] not in kernels.SUPPORTED_TYPES:
+            parser.error(f"--types: {n!r} is not one of {', '.join(ORDER)}")
+    if args.repeats < 1 or args.stream_mb < 1:
+        parser.error("--repeats and --stream-mb must be positive")
+    kernels.set_threads(args.threads)
+    rng = np.random.default_rng(0)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f}: other processes share the cores, timings will be noisy")
+
+    t0 = time.perf_counter()
+    kernels.matvec(GGMLQuantizationType.Q4_0, random_weights(GGMLQuantizationType.Q4_0, 4, 32, rng),
+                   np.zeros(32, np.float32), np.zeros(4, np.float32))
+    print(f"threads {args.threads}; first matvec call (compile or cache load) {time.perf_counter() - t0:.2f} s")
+
+    for name in names:
+        qtype = GGMLQuantizationType[name]
+        print(f"\n{name}  matvec                      ms/call   GB/s   hot ms/call  (matrices streamed)")
+        for shape in [BIG] + SMALL:
+            if shape[1] % GGML_QUANT_SIZES[qtype][0]:
+                continue  # n_in not a whole number of blocks
+            stream_mb = args.stream_mb if shape == BIG else min(args.stream_mb, 128)
+            nbytes, n_mats, streamed, hot = bench_matvec(qtype, shape, stream_mb << 20, args.repeats, rng)
+            print(f"  {shape[0]:>6} x {shape[1]:<6} {nbytes / 1e6:8.2f} MB {streamed * 1e3:9.3f} "
+                  f"{nbytes / streamed / 1e9:6.2f}   {hot * 1e3:9.3f}      ({n_mats})")
+        if args.prefill:
+            for shape, T in [((4096, 4096), 7), ((4096, 4096), 512), ((1536, 576), 512)]:
+                if shape[1] % GGML_QUANT_SIZES[qtype][0] == 0:
+                    t = bench_matmul(qtype, shape, T, max(1, args.repeats // 2), rng)
+                    print(f"  matmul T={T:<3} {shape[0]:>5} x {shape[1]:<5} {t * 1e3:9.2f} ms  "
+                          f"{2 * T * shape[0] * shape[1] / t / 1e9:7.1f} GFLOP/s")
+
+    print()
+    for shape in [(576, 576), (2, 32)]:
+        x, out = np.zeros(shape[1], np.float32), np.zeros(shape[0], np.float32)
+        w = kernels._readonly(random_weights(GGMLQuantizationType.Q4_1, *shape, rng))
+        code = int(GGMLQuantizationType.Q4_1)
+        direct = time_calls(lambda m: cpu.matvec(code, w, x, out, args.threads), [None] * 2000, 5)
+        checked = time_calls(lambda m: kernels.matvec(GGMLQuantizationType.Q4_1, w, x, out), [None] * 2000, 5)
+        print(f"per call, Q4_1 {shape[0]} x {shape[1]} hot: numba kernel {direct * 1e6:.1f} us, "
+              f"kernels.matvec (with argument checks) {checked * 1e6:.1f} us")
+
+if __name__ == "__main__":
+    main()
