@@ -1,0 +1,35 @@
+"""The `hybridinfer` command: one entry point, a module per sub-command, one-line errors."""
+
+import argparse
+import sys
+
+from hybridinfer.commands import bench, perplexity, run
+from hybridinfer.errors import HybridInferError
+
+COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line naming the problem, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="hybridinfer", description="Sparse-activation LLM inference on GGUF files.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, module in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command].main(args) or 0
+    except HybridInferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

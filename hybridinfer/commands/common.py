@@ -1,0 +1,124 @@
+"""Options every sub-command shares, their checks, and loading a model from them."""
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import kernels
+from hybridinfer.errors import HybridInferError
+from hybridinfer.gguf_file import GGUFFile
+from hybridinfer.loader import FFNActivation, ModelArgs, load_weights
+from hybridinfer.ffn import SPARSE_MODES, make_ffn
+from hybridinfer.model import N_BATCH, Transformer
+from predictors import PredictorError, PredictorSet, SparsityStats, fingerprint
+from hybridinfer.tokenizer import Tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"
+DEFAULT_PREDICTOR = DEFAULT_MODEL.with_suffix("").with_suffix(".predictor")  # used with the default model
+DEFAULT_THREADS = os.cpu_count() or 1
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range (at least {low})")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({'(' if low_open else '['}{low}, {high}])")
+        return value
+    return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None, ctx_help: str | None) -> None:
+    """The model, threads and FFN activation options; -c unless ctx_default is None."""
+    parser.add_argument("model", nargs="?", type=Path, help=f"GGUF file (default: {DEFAULT_MODEL.name}, shipped)")
+    parser.add_argument("-m", "--model", dest="model_opt", type=Path, metavar="MODEL", help="GGUF file")
+    if ctx_default is not None:
+        parser.add_argument("-c", "--ctx-size", type=int_at_least(0), default=ctx_default, help=ctx_help)
+    parser.add_argument("-t", "--threads", type=int_at_least(1), default=DEFAULT_THREADS,
+                        help=f"threads (default: {DEFAULT_THREADS})")
+    parser.add_argument("--ffn-act", type=FFNActivation.parse, metavar="silu|relu|fatrelu:T",
+                        help="FFN activation, overriding the file's hybridinfer.ffn_activation (default: silu)")
+    parser.add_argument("--sparse", choices=SPARSE_MODES,
+                        help="FFN mode (default: predicted with --predictor, else exact for ReLU/FATReLU "
+                             "models, else off)")
+    parser.add_argument("--predictor", type=Path, metavar="DIR",
+                        help="predictor directory (ours or PowerInfer's); the default model uses its own")
+
+
+@dataclass
+class Session:
+    gguf: GGUFFile
+    tokenizer: Tokenizer
+    model: Transformer
+    load_s: float
+    mode: str  # the FFN mode: off, exact or predicted
+    stats: SparsityStats | None  # with stats=True
+
+
+def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path | None) -> str:
+    mode = args.sparse or ("predicted" if predictor else "exact" if act.sparse else "off")
+    if mode == "predicted" and predictor is None:
+        raise HybridInferError("--sparse predicted needs a predictor: give --predictor DIR "
+                               "(train one with tools/train_predictor.py)")
+    if mode != "predicted" and args.predictor:
+        raise HybridInferError(f"--predictor is used by --sparse predicted only, not --sparse {mode}")
+    if mode != "off" and not act.sparse:
+        raise HybridInferError(f"--sparse {mode} needs an FFN activation with exact zeros, but the model uses "
+                               f"{act}: pass --ffn-act relu or fatrelu:T if it was trained so")
+    return mode
+
+
+def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool = False) -> Session:
+    """Open the model the arguments name with n_ctx (or -c; 0 means the model's, capped at 4096).
+
+    -c may not exceed the model's training context; an explicit n_ctx (bench) may, with a notice.
+    """
+    if args.model and args.model_opt and args.model != args.model_opt:
+        raise HybridInferError(f"two models given: '{args.model}' and -m '{args.model_opt}'")
+    path = args.model_opt or args.model or DEFAULT_MODEL
+    start = time.perf_counter()
+    kernels.set_threads(args.threads)
+    gguf = GGUFFile(path)
+    margs = ModelArgs.from_metadata(gguf.metadata, args.ffn_act)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    ctx_size = getattr(args, "ctx_size", 0)
+    if ctx_size > margs.n_ctx_train:
+        raise HybridInferError(f"-c {ctx_size} is out of range: the model was trained for at most "
+                               f"{margs.n_ctx_train} tokens")
+    n_ctx = n_ctx or ctx_size or min(4096, margs.n_ctx_train)
+    if n_ctx > margs.n_ctx_train:
+        print(f"notice: a context of {n_ctx} tokens exceeds the model's training context of "
+              f"{margs.n_ctx_train}", file=sys.stderr)
+    default_predictor = DEFAULT_PREDICTOR if path == DEFAULT_MODEL and args.sparse in (None, "predicted") else None
+    predictor_dir = args.predictor or default_predictor
+    mode = _sparse_mode(args, margs.ffn_act, predictor_dir)
+    weights = load_weights(gguf, margs)
+    predictor = None
+    if mode == "predicted":
+        fp = fingerprint(gguf.metadata["general.architecture"], margs.n_layer, margs.n_embd, margs.n_ff,
+                         {name: t.shape for name, t in gguf.tensors.items()})
+        try:
+            predictor = PredictorSet.load(predictor_dir, fp)
+        except PredictorError as e:
+            raise HybridInferError(str(e)) from None
+    sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
+    ffn = make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity)
+    model = Transformer(margs, weights, n_ctx, ffn)
+    return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity)

@@ -1,0 +1,146 @@
+"""FFN strategies: how a block computes down(act(gate(x)) * up(x)). The model calls one per layer as
+``ffn(layer, blk, resid, xn, out)``: resid[T, n_embd] is the residual stream before ffn_norm (the
+predictors' input), xn[T, n_embd] the ffn_norm output, out[T, n_embd] receives the FFN output.
+
+Sparse strategies compute only some neurons when decoding (T == 1). For T > 1 (prefill, perplexity)
+they compute every row but zero the neurons they would skip, so their quality is measured on every
+token while the arithmetic stays that of the decode path.
+"""
+
+import time
+
+import numpy as np
+
+import kernels
+from predictors import PredictorSet, SparsityStats
+from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, neuron_major
+from kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
+
+ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
+
+
+def activate(act: FFNActivation, gate: np.ndarray, up: np.ndarray) -> None:
+    """gate[T, n_ff] <- act(gate) * up, in place."""
+    ffn_activation(gate, up, ACT_KIND[act.kind], np.float32(act.threshold))
+
+
+class DenseFFN:
+    """Every neuron of every layer: the reference the sparse strategies are measured against."""
+
+    def __init__(self, args: ModelArgs, n_batch: int):
+        self.act = args.ffn_act
+        self.gate = np.zeros((n_batch, args.n_ff), np.float32)
+        self.up = np.zeros((n_batch, args.n_ff), np.float32)
+
+    def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
+        gate, up = self.gate[:len(xn)], self.up[:len(xn)]
+        blk.ffn_gate(xn, gate)
+        blk.ffn_up(xn, up)
+        activate(self.act, gate, up)
+        blk.ffn_down(gate, out)
+
+
+class ExactSparseFFN(DenseFFN):
+    """The gate for every neuron; up only where act(gate) != 0. Down reads the activation vector with
+    its zeros, so the result is dense mode's bit for bit, with no predictor and no quality loss."""
+
+    def __init__(self, args: ModelArgs, n_batch: int, stats: SparsityStats | None = None):
+        super().__init__(args, n_batch)
+        self.stats = stats
+        self.idx = np.zeros(args.n_ff, np.int32)
+        self.kind = ACT_KIND[self.act.kind]
+
+    def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
+        if len(xn) > 1:
+            super().__call__(layer, blk, resid, xn, out)
+            if self.stats:
+                active = self.gate[:len(xn)] != 0
+                self.stats.add(layer, active, active)
+            return
+        g, u = self.gate[0], self.up[0]
+        blk.ffn_gate(xn, self.gate[:1])
+        activation(g, self.kind, np.float32(self.act.threshold))
+        n = nonzero(g, self.idx)
+        idx = self.idx[:n]
+        kernels.gather_matvec(blk.ffn_up.qtype, blk.ffn_up.data, idx, xn[0], u[:n])
+        g[idx] *= u[:n]
+        blk.ffn_down(self.gate[:1], out)
+        if self.stats:
+            active = (g != 0)[None, :]
+            self.stats.add(layer, active, active)
+
+
+class PredictedFFN(DenseFFN):
+    """The predictor picks the neurons; gate and up over those rows only, down over the neurons whose
+    activation is non-zero, from a neuron-major copy of ffn_down made at load."""
+
+    def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
+                 stats: SparsityStats | None = None):
+        super().__init__(args, n_batch)
+        self.predictor, self.stats = predictor, stats
+        self.predictor_s = 0.0  # time in the predictor, measured with --stats only
+        self.kind = ACT_KIND[self.act.kind]
+        self.down_t: list[Matrix] = [neuron_major(blk.ffn_down) for blk in blocks]  # [n_ff, n_embd] each
+        self.mask = np.zeros((n_batch, args.n_ff), bool)
+        self.idx = np.zeros(args.n_ff, np.int32)
+
+    def _predict_timed(self, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.predictor_s += time.perf_counter() - start
+        return result
+
+    def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
+        if len(xn) > 1:
+            self._masked_dense(layer, blk, resid, xn, out)
+            return
+        predict = self.predictor.active_indices
+        idx = self._predict_timed(predict, layer, resid[0]) if self.stats else predict(layer, resid[0])
+        if self.stats:
+            # the true set needs the dense gate: this costs time, so --stats runs are not for speed
+            blk.ffn_gate(xn, self.gate[:1])
+            activation(self.gate[0], self.kind, np.float32(self.act.threshold))
+            predicted = np.zeros((1, len(self.idx)), bool)
+            predicted[0, idx] = True
+            self.stats.add(layer, (self.gate[:1] != 0), predicted)
+        n = len(idx)
+        g, u = self.gate[:1, :n], self.up[:1, :n]
+        kernels.gather_matvec(blk.ffn_gate.qtype, blk.ffn_gate.data, idx, xn[0], g[0])
+        kernels.gather_matvec(blk.ffn_up.qtype, blk.ffn_up.data, idx, xn[0], u[0])
+        activate(self.act, g, u)
+        down = self.down_t[layer]
+        kernels.sparse_axpy(down.qtype, down.data, idx, g[0], out[0])
+
+    def _masked_dense(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
+        """T tokens: every row computed, the unpredicted neurons zeroed, down token by token as in decode."""
+        T = len(xn)
+        gate, up, mask = self.gate[:T], self.up[:T], self.mask[:T]
+        if self.stats:
+            self._predict_timed(self.predictor.predict_mask, layer, resid, mask)
+        else:
+            self.predictor.predict_mask(layer, resid, mask)
+        blk.ffn_gate(xn, gate)
+        blk.ffn_up(xn, up)
+        if self.stats:
+            true_gate = gate.copy()
+            activation(true_gate.reshape(-1), self.kind, np.float32(self.act.threshold))
+            self.stats.add(layer, true_gate != 0, mask)
+        gate[~mask] = 0.0
+        activate(self.act, gate, up)
+        down = self.down_t[layer]
+        for t in range(T):
+            n = nonzero(gate[t], self.idx)
+            kernels.sparse_axpy(down.qtype, down.data, self.idx[:n], gate[t, self.idx[:n]], out[t])
+
+
+SPARSE_MODES = ("off", "exact", "predicted")
+
+
+def make_ffn(mode: str, args: ModelArgs, blocks: list[Block], n_batch: int, predictor: PredictorSet | None = None,
+             stats: SparsityStats | None = None):
+    """The FFN strategy for --sparse MODE (off, exact or predicted)."""
+    if mode == "predicted":
+        return PredictedFFN(args, n_batch, blocks, predictor, stats)
+    if mode == "exact":
+        return ExactSparseFFN(args, n_batch, stats)
+    return DenseFFN(args, n_batch)

@@ -1,0 +1,198 @@
+"""ModelArgs from GGUF metadata and the weights under their GGUF names, with the few fix-ups in one place."""
+
+import sys
+from dataclasses import dataclass, fields
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
+
+import kernels
+from hybridinfer.errors import HybridInferError
+from hybridinfer.gguf_file import GGUFFile, TensorInfo
+
+ACTIVATIONS = ("silu", "relu", "fatrelu")
+
+
+@dataclass(frozen=True)
+class FFNActivation:
+    kind: str  # one of ACTIVATIONS
+    threshold: float = 0.0  # fatrelu: values below it become 0
+
+    @classmethod
+    def parse(cls, spec: str) -> "FFNActivation":
+        """'silu', 'relu' or 'fatrelu:T' (as given to --ffn-act)."""
+        kind, _, threshold = spec.partition(":")
+        if kind not in ACTIVATIONS or (kind == "fatrelu") != bool(threshold):
+            raise HybridInferError(f"unknown FFN activation '{spec}': expected silu, relu or fatrelu:T")
+        try:
+            return cls(kind, float(threshold or 0.0))
+        except ValueError:
+            raise HybridInferError(f"FFN activation '{spec}': threshold '{threshold}' is not a number") from None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the activation leaves exact zeros that sparse FFN modes can skip."""
+        return self.kind != "silu"
+
+    def __str__(self) -> str:
+        return f"fatrelu:{self.threshold:g}" if self.kind == "fatrelu" else self.kind
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    norm_eps: float
+    n_ctx_train: int
+    n_vocab: int
+    ffn_act: FFNActivation
+
+    @classmethod
+    def from_metadata(cls, meta: dict, ffn_act: FFNActivation | None = None) -> "ModelArgs":
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise HybridInferError(f"architecture '{arch}' is not supported: hybridinfer runs llama-architecture GGUF files")
+
+        def key(name: str, default=None):
+            value = meta.get(f"llama.{name}", default)
+            if value is None:
+                raise HybridInferError(f"GGUF metadata lacks 'llama.{name}': the file is incomplete")
+            return value
+
+        n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length", n_embd // n_head))
+        if ffn_act is None:
+            act = meta.get("hybridinfer.ffn_activation", "silu")
+            threshold = meta.get("hybridinfer.ffn_act_threshold")
+            ffn_act = FFNActivation.parse(f"{act}:{threshold}" if act == "fatrelu" else act)
+        scaling = meta.get("llama.rope.scaling.type", "none")
+        if scaling != "none":
+            raise HybridInferError(f"RoPE scaling '{scaling}' is not supported")
+        return cls(
+            n_layer=int(key("block_count")), n_embd=n_embd, n_ff=int(key("feed_forward_length")),
+            n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
+            rope_dim=int(key("rope.dimension_count", head_dim)), rope_base=float(key("rope.freq_base", 10000.0)),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            n_ctx_train=int(key("context_length")),
+            n_vocab=int(meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))),
+            ffn_act=ffn_act)
+
+
+@dataclass
+class Matrix:
+    """A weight matrix W[n_out, n_in] in its GGUF blocks; called as ``W(x, out)`` for x[T, n_in]."""
+
+    qtype: GGMLQuantizationType
+    data: np.ndarray  # uint8 (n_out, row_bytes)
+    n_in: int
+    n_out: int
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        if len(x) == 1:
+            kernels.matvec(self.qtype, self.data, x[0], out[0])
+        else:
+            kernels.matmul(self.qtype, self.data, x, out)
+
+    def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
+        kernels.get_rows(self.qtype, self.data, ids, out)
+
+
+@dataclass
+class Block:
+    attn_norm: np.ndarray  # f32 [n_embd]
+    attn_q: Matrix  # [n_head * head_dim, n_embd]
+    attn_k: Matrix  # [n_head_kv * head_dim, n_embd]
+    attn_v: Matrix  # [n_head_kv * head_dim, n_embd]
+    attn_output: Matrix  # [n_embd, n_head * head_dim]
+    ffn_norm: np.ndarray  # f32 [n_embd]
+    ffn_gate: Matrix  # [n_ff, n_embd]
+    ffn_up: Matrix  # [n_ff, n_embd]
+    ffn_down: Matrix  # [n_embd, n_ff]
+
+
+@dataclass
+class Weights:
+    token_embd: Matrix  # [n_vocab, n_embd]
+    blk: list[Block]
+    output_norm: np.ndarray  # f32 [n_embd]
+    output: Matrix  # [n_vocab, n_embd]; token_embd when the file has no output.weight (tied)
+
+
+class _TensorLoader:
+    """Turns GGUF tensors into Matrix / vector weights, checking every shape against ModelArgs."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+        self.dequantized: dict[str, list[int]] = {}  # qtype name -> [tensor count, bytes added]
+
+    def tensor(self, name: str) -> TensorInfo:
+        if name not in self.gguf.tensors:
+            raise HybridInferError(f"'{self.gguf.path}' lacks tensor {name}: not a complete llama model")
+        return self.gguf.tensors[name]
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        t = self.tensor(name)
+        if t.shape != (n,):
+            raise HybridInferError(f"tensor {name} has shape {list(t.shape)}, expected [{n}]")
+        return dequantize(t.data.reshape(-1), t.qtype).astype(np.float32).reshape(n)
+
+    def matrix(self, name: str, n_in: int, n_out: int) -> Matrix:
+        t = self.tensor(name)
+        if t.shape != (n_in, n_out):
+            raise HybridInferError(f"tensor {name} has shape {list(t.shape)}, expected [{n_in}, {n_out}]")
+        if t.qtype in kernels.SUPPORTED_TYPES:
+            return Matrix(t.qtype, t.data, n_in, n_out)
+        try:
+            values = dequantize(t.data, t.qtype).astype(np.float32)
+        except NotImplementedError:
+            supported = ", ".join(sorted(q.name for q in kernels.SUPPORTED_TYPES))
+            raise HybridInferError(f"tensor {name} is of quant type {t.qtype.name}, which hybridinfer cannot "
+                                   f"read (supported: {supported}, and types the gguf package dequantizes)") from None
+        count = self.dequantized.setdefault(t.qtype.name, [0, 0])
+        count[0] += 1
+        count[1] += values.nbytes - t.data.nbytes
+        return Matrix(GGMLQuantizationType.F32, values.view(np.uint8), n_in, n_out)
+
+
+def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
+    """All weights of a llama model, quantised ones left in their mapped blocks."""
+    t = _TensorLoader(gguf)
+    e, q, kv, ff = args.n_embd, args.n_head * args.head_dim, args.n_head_kv * args.head_dim, args.n_ff
+    shapes = {"attn_q": (e, q), "attn_k": (e, kv), "attn_v": (e, kv), "attn_output": (q, e),
+              "ffn_gate": (e, ff), "ffn_up": (e, ff), "ffn_down": (ff, e)}
+    blocks = []
+    for i in range(args.n_layer):
+        parts = {f.name: (t.vector(f"blk.{i}.{f.name}.weight", e) if f.name.endswith("norm")
+                          else t.matrix(f"blk.{i}.{f.name}.weight", *shapes[f.name])) for f in fields(Block)}
+        blocks.append(Block(**parts))
+    token_embd = t.matrix("token_embd.weight", e, args.n_vocab)
+    # The one fix-up llama files need: no output.weight means the output shares the embedding.
+    output = t.matrix("output.weight", e, args.n_vocab) if "output.weight" in gguf.tensors else token_embd
+    for qtype, (count, added) in t.dequantized.items():
+        print(f"notice: {count} tensors of type {qtype} are dequantized to F32 at load "
+              f"(+{added / 2**20:.0f} MiB of memory)", file=sys.stderr)
+    return Weights(token_embd, blocks, t.vector("output_norm.weight", e), output)
+
+
+# Types gguf can write, so a neuron-major copy keeps the file's type; others become Q8_0.
+REQUANTIZABLE = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                           GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
+
+
+def neuron_major(down: Matrix) -> Matrix:
+    """ffn_down [n_embd, n_ff] rearranged as [n_ff, n_embd], each neuron's down column one contiguous
+    row of blocks, for the sparse axpy. Float types move exactly; quantised types are re-quantised
+    along the new rows (same type where gguf can write it, else Q8_0): a second rounding, whose
+    effect on perplexity the README reports."""
+    qtype = down.qtype if down.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+    if down.n_out % GGML_QUANT_SIZES[qtype][0]:
+        qtype = GGMLQuantizationType.F16
+    columns = np.ascontiguousarray(dequantize(down.data, down.qtype).reshape(down.n_out, down.n_in).T)
+    data = quantize(columns, qtype)
+    return Matrix(qtype, data.view(np.uint8).reshape(down.n_in, -1), down.n_out, down.n_in)

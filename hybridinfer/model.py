@@ -1,0 +1,104 @@
+"""The llama forward pass, read top to bottom: embedding, blocks of attention and FFN, output."""
+
+from pathlib import Path
+
+import numpy as np
+
+from hybridinfer.errors import HybridInferError
+from kernels.ops import attention, rms_norm, rope
+from hybridinfer.ffn import DenseFFN
+from hybridinfer.gguf_file import GGUFFile
+from hybridinfer.loader import FFNActivation, ModelArgs, Weights, load_weights
+
+N_BATCH = 512  # tokens per prefill step, as llama.cpp's default micro-batch
+
+
+class RunState:
+    """Scratch buffers and KV cache, allocated once; the forward pass takes views of the first T rows."""
+
+    def __init__(self, args: ModelArgs, n_ctx: int, n_batch: int):
+        e, q, kv = args.n_embd, args.n_head * args.head_dim, args.n_head_kv * args.head_dim
+        self.x = np.zeros((n_batch, e), np.float32)  # residual stream
+        self.xn = np.zeros((n_batch, e), np.float32)  # normed input of attention or FFN
+        self.q = np.zeros((n_batch, q), np.float32)
+        self.k = np.zeros((n_batch, kv), np.float32)
+        self.v = np.zeros((n_batch, kv), np.float32)
+        self.att = np.zeros((n_batch, q), np.float32)  # attention output, before attn_output
+        self.scores = np.zeros((args.n_head, n_ctx), np.float32)  # attention weights of one query
+        self.y = np.zeros((n_batch, e), np.float32)  # block output added to the residual
+        self.logits = np.zeros((n_batch, args.n_vocab), np.float32)
+        # KV cache per layer: [n_head_kv, n_ctx, head_dim]
+        self.k_cache = np.zeros((args.n_layer, args.n_head_kv, n_ctx, args.head_dim), np.float32)
+        self.v_cache = np.zeros((args.n_layer, args.n_head_kv, n_ctx, args.head_dim), np.float32)
+
+
+class Transformer:
+    def __init__(self, args: ModelArgs, weights: Weights, n_ctx: int, ffn=None, n_batch: int = N_BATCH):
+        if n_ctx < 1:
+            raise HybridInferError(f"context size {n_ctx} is out of range: give at least 1 token")
+        self.args, self.w, self.n_ctx, self.n_batch = args, weights, n_ctx, n_batch
+        self.ffn = ffn or DenseFFN(args, n_batch)
+        self.s = RunState(args, n_ctx, n_batch)
+        inv_freq = args.rope_base ** (-np.arange(0, args.rope_dim, 2, dtype=np.float64) / args.rope_dim)
+        angles = np.outer(np.arange(n_ctx), inv_freq)  # [n_ctx, rope_dim/2]
+        self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        self.eps = np.float32(args.norm_eps)
+
+    def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
+        """Logits [T, n_vocab] (or [1, n_vocab] for the last token) after feeding tokens at pos..
+
+        Up to n_batch tokens the result is a view of the run state, valid until the next call.
+        """
+        tokens = np.asarray(tokens, np.int64)
+        if pos + len(tokens) > self.n_ctx:
+            raise HybridInferError(f"{pos + len(tokens)} tokens do not fit the context of {self.n_ctx} (-c)")
+        if tokens.min(initial=0) < 0 or tokens.max(initial=0) >= self.args.n_vocab:
+            raise HybridInferError(f"token ids must lie in 0..{self.args.n_vocab - 1}")
+        if len(tokens) <= self.n_batch:
+            return self._step(tokens, pos, all_logits)
+        out = np.empty((len(tokens), self.args.n_vocab), np.float32) if all_logits else None
+        for i in range(0, len(tokens), self.n_batch):
+            logits = self._step(tokens[i:i + self.n_batch], pos + i, all_logits)
+            if all_logits:
+                out[i:i + len(logits)] = logits
+        return out if all_logits else logits
+
+    def _step(self, tokens: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        a, s, T = self.args, self.s, len(tokens)
+        x, xn, y = s.x[:T], s.xn[:T], s.y[:T]
+        # per-head views: q, att [T, n_head, head_dim]; k, v [T, n_head_kv, head_dim]
+        q, k, v, att = s.q[:T], s.k[:T], s.v[:T], s.att[:T]
+        q3, att3 = q.reshape(T, a.n_head, a.head_dim), att.reshape(T, a.n_head, a.head_dim)
+        k3, v3 = k.reshape(T, a.n_head_kv, a.head_dim), v.reshape(T, a.n_head_kv, a.head_dim)
+        self.w.token_embd.rows(tokens, x)
+        for i, blk in enumerate(self.w.blk):
+            # attention: rmsnorm, q/k/v, RoPE, cache, causal GQA, output projection, residual
+            rms_norm(x, blk.attn_norm, self.eps, xn)
+            blk.attn_q(xn, q)
+            blk.attn_k(xn, k)
+            blk.attn_v(xn, v)
+            rope(q3, k3, pos, self.cos, self.sin)
+            # the cache holds f16-rounded values, as llama.cpp's f16 cache does: [n_kv, n_ctx, hd]
+            s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2).astype(np.float16)
+            s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2).astype(np.float16)
+            attention(q3, s.k_cache[i], s.v_cache[i], pos, att3, s.scores)
+            blk.attn_output(att, y)
+            x += y
+            # FFN: rmsnorm, then the FFN strategy (dense or sparse), residual
+            rms_norm(x, blk.ffn_norm, self.eps, xn)
+            self.ffn(i, blk, x, xn, y)
+            x += y
+        last = x if all_logits else x[T - 1:]
+        rms_norm(last, self.w.output_norm, self.eps, xn[:len(last)])
+        logits = s.logits[:len(last)]
+        self.w.output(xn[:len(last)], logits)
+        return logits
+
+
+def load_model(path: str | Path, n_ctx: int | None = None, ffn_act: FFNActivation | None = None,
+               ffn=None) -> tuple[GGUFFile, Transformer]:
+    """Open a GGUF file and build the model; n_ctx defaults to min(4096, the model's context length)."""
+    gguf = GGUFFile(path)
+    args = ModelArgs.from_metadata(gguf.metadata, ffn_act)
+    weights = load_weights(gguf, args)
+    return gguf, Transformer(args, weights, n_ctx or min(4096, args.n_ctx_train), ffn)

@@ -1,0 +1,103 @@
+"""The command line: generation, JSON output, and a one-line error for every kind of bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from make_gguf import write_llama_gguf
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybridinfer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_run_default_model_greedy_json():
+    result = cli("run", "-p", "And it came to pass, when the king", "-n", "20", "--temp", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["text"].startswith(" of Israel saw that the king of Israel")
+    assert out["generated_tokens"] == len(out["ids"]) == 20
+    assert out["prompt_ids"][0] == 1  # BOS, as the file's add_bos_token says
+
+
+def test_run_streams_text_and_prints_timings(tiny_q8):
+    result = cli("run", "-m", str(tiny_q8), "-p", "The LORD", "-n", "8", "--seed", "3", "-t", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The LORD")
+    assert "prompt eval time" in result.stderr and "tokens per second" in result.stderr
+
+
+def test_same_seed_same_text(tiny_q8):
+    runs = [json.loads(cli("run", str(tiny_q8), "-n", "12", "--seed", "7", "--json").stdout)["ids"] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_perplexity_json(tiny_q8):
+    result = cli("perplexity", "-m", str(tiny_q8), "-f", str(tiny_q8.parent / "val.txt"), "-c", "128",
+                 "--chunks", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["n_chunks"] == 3 and 10 < out["ppl"] < 200
+
+
+def test_bench_table(tiny_q8):
+    result = cli("bench", str(tiny_q8), "-p", "16", "-n", "4", "-r", "2")
+    assert result.returncode == 0, result.stderr
+    assert "| pp16 |" in result.stdout and "| tg4 |" in result.stdout
+
+
+def test_chat_without_template_is_refused(tiny_q8):
+    assert_one_line_error(cli("run", str(tiny_q8), "--chat", "-n", "1"), "chat_template")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_q8):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "text.gguf").write_text("hello, not a model")
+    data = tiny_q8.read_bytes()
+    (d / "truncated.gguf").write_bytes(data[:len(data) // 2])
+    (d / "header.gguf").write_bytes(data[:200])
+    write_llama_gguf(d / "gpt.gguf", arch="gpt2")
+    write_llama_gguf(d / "q8_1.gguf", qtype=Q.Q8_1)
+    write_llama_gguf(d / "incomplete.gguf", drop_tensor="blk.1.ffn_up.weight")
+    return d
+
+
+@pytest.mark.parametrize("name, words", [
+    ("missing.gguf", ["not found"]),
+    ("text.gguf", ["not a GGUF file"]),
+    ("truncated.gguf", ["truncated"]),
+    ("header.gguf", ["truncated"]),
+    ("gpt.gguf", ["architecture 'gpt2'"]),
+    ("q8_1.gguf", ["Q8_1"]),
+    ("incomplete.gguf", ["blk.1.ffn_up.weight"]),
+])
+def test_bad_model_files(bad_files, name, words):
+    assert_one_line_error(cli("run", str(bad_files / name), "-n", "1"), *words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-n", "-2"], ["-n", "out of range"]),
+    (["-n", "many"], ["-n", "not a whole number"]),
+    (["-c", "-1"], ["-c", "out of range"]),
+    (["-c", "100000"], ["-c 100000", "out of range"]),
+    (["--ffn-act", "gelu"], ["gelu"]),
+    (["--ffn-act", "fatrelu"], ["fatrelu"]),
+    (["--top-p", "0"], ["--top-p"]),
+    (["-p", "word " * 300], ["longer than the context"]),
+    (["-c", "8", "-p", "a b c d e f g h i j"], ["longer than the context"]),
+])
+def test_bad_arguments(args, words):
+    assert_one_line_error(cli("run", *args), *words)

@@ -1,0 +1,90 @@
+"""The forward pass against an independent NumPy llama, on the tiny ReLU model and random models."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from hybridinfer.loader import FFNActivation
+from hybridinfer.model import load_model
+from hybridinfer.perplexity import perplexity
+from llama_reference import ReferenceLlama
+from make_gguf import write_llama_gguf
+
+TINY_TEXT = "And it came to pass, when the king of Israel heard these words, that he rent his clothes"
+
+
+def max_rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_q8):
+    gguf, model = load_model(tiny_q8, n_ctx=256)
+    return gguf, model
+
+
+def tiny_tokens(n: int = 60) -> np.ndarray:
+    return np.random.default_rng(1).integers(3, 4096, n)
+
+
+def test_tiny_logits_match_numpy_reference(tiny, tiny_q8):
+    _, model = tiny
+    tokens = tiny_tokens()
+    expected, _ = ReferenceLlama(tiny_q8, "relu").forward(tokens)
+    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+
+
+def test_prefill_equals_token_by_token(tiny):
+    _, model = tiny
+    tokens = tiny_tokens(40)
+    batched = model.forward(tokens, 0, all_logits=True).copy()
+    stepped = np.stack([model.forward(tokens[i:i + 1], i)[0].copy() for i in range(len(tokens))])
+    # matvec and matmul sum in different orders; an f16 cache rounding can flip on that
+    assert max_rel_err(stepped, batched) < 1e-4
+
+
+def test_prefill_in_micro_batches_equals_one_batch(tiny_q8):
+    tokens = tiny_tokens(100)
+    _, whole = load_model(tiny_q8, n_ctx=128)
+    _, split = load_model(tiny_q8, n_ctx=128)
+    split.n_batch = 32
+    assert max_rel_err(split.forward(tokens, 0, all_logits=True), whole.forward(tokens, 0, all_logits=True)) < 1e-5
+
+
+def test_silu_override_changes_activation(tiny_q8):
+    tokens = tiny_tokens(20)
+    _, model = load_model(tiny_q8, n_ctx=64, ffn_act=FFNActivation.parse("silu"))
+    expected, _ = ReferenceLlama(tiny_q8, "silu").forward(tokens)
+    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+
+
+def test_tiny_relu_perplexity_and_sparsity_match_its_readme(tiny_q8):
+    """The model card: perplexity 43.5 on val.txt (chunks of 256, BOS, second half), sparsity 79.3%."""
+    from hybridinfer.tokenizer import Tokenizer
+    gguf, model = load_model(tiny_q8, n_ctx=256)
+    tok = Tokenizer.from_metadata(gguf.metadata)
+    text = (tiny_q8.parent / "val.txt").read_text()
+    result = perplexity(model, tok.encode(text), tok.bos_id)
+    assert result.ppl == pytest.approx(43.5, rel=0.01)
+    _, acts = ReferenceLlama(tiny_q8, "relu").forward(np.array(tok.encode(text)[:256]))
+    sparsity = np.mean([np.mean(a == 0) for a in acts])
+    assert sparsity == pytest.approx(0.793, abs=0.03)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_model_matches_reference(tmp_path, qtype, tied):
+    path = write_llama_gguf(tmp_path / "m.gguf", qtype=qtype, tied=tied, n_embd=64, n_ff=96)
+    tokens = np.random.default_rng(0).integers(0, 275, 24)
+    expected, _ = ReferenceLlama(path, "relu").forward(tokens)
+    _, model = load_model(path)
+    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+
+
+def test_dequantized_at_load_type_works_with_notice(tmp_path, capsys):
+    path = write_llama_gguf(tmp_path / "m.gguf", qtype=Q.Q5_0, n_embd=64, n_ff=96)
+    tokens = np.arange(10)
+    expected, _ = ReferenceLlama(path, "relu").forward(tokens)
+    _, model = load_model(path)
+    assert "Q5_0 are dequantized to F32 at load" in capsys.readouterr().err
+    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
