@@ -62,7 +62,7 @@ class ExactSparseFFN(DenseFFN):
         activation(g, self.kind, np.float32(self.act.threshold))
         n = nonzero(g, self.idx)
         idx = self.idx[:n]
-        kernels.gather_matvec(blk.ffn_up.qtype, blk.ffn_up.data, idx, xn[0], u[:n])
+        blk.ffn_up.gather(idx, xn, u[:n])
         g[idx] *= u[:n]
         blk.ffn_down(self.gate[:1], out)
         if self.stats:
@@ -105,8 +105,8 @@ class PredictedFFN(DenseFFN):
             self.stats.add(layer, (self.gate[:1] != 0), predicted)
         n = len(idx)
         g, u = self.gate[:1, :n], self.up[:1, :n]
-        kernels.gather_matvec(blk.ffn_gate.qtype, blk.ffn_gate.data, idx, xn[0], g[0])
-        kernels.gather_matvec(blk.ffn_up.qtype, blk.ffn_up.data, idx, xn[0], u[0])
+        blk.ffn_gate.gather(idx, xn, g[0])
+        blk.ffn_up.gather(idx, xn, u[0])
         activate(self.act, g, u)
         down = self.down_t[layer]
         kernels.sparse_axpy(down.qtype, down.data, idx, g[0], out[0])

@@ -9,6 +9,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 import kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile, TensorInfo
+from kernels.ops import DOT_ROUNDING, ROUND_NONE, round_for_dot
 
 ACTIVATIONS = ("silu", "relu", "fatrelu")
 
@@ -84,9 +85,29 @@ class ModelArgs:
             ffn_act=ffn_act)
 
 
+_scratch = np.empty(0, np.float32)  # the rounded input of the current mat-vec (calls never nest)
+
+
+def _round_input(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
+    """x as ggml rounds it before a dot product with weights of qtype (see kernels.ops.DOT_ROUNDING)."""
+    global _scratch
+    kind = DOT_ROUNDING[qtype]
+    if kind == ROUND_NONE:
+        return x
+    if _scratch.size < x.size:
+        _scratch = np.empty(x.size, np.float32)
+    out = _scratch[:x.size].reshape(x.shape)
+    round_for_dot(kind, x, out)
+    return out
+
+
 @dataclass
 class Matrix:
-    """A weight matrix W[n_out, n_in] in its GGUF blocks; called as ``W(x, out)`` for x[T, n_in]."""
+    """A weight matrix W[n_out, n_in] in its GGUF blocks; called as ``W(x, out)`` for x[T, n_in].
+
+    Inputs are rounded as llama.cpp rounds them (8-bit blocks for quantised weights, f16 for F16),
+    so that results follow llama.cpp's on the same file.
+    """
 
     qtype: GGMLQuantizationType
     data: np.ndarray  # uint8 (n_out, row_bytes)
@@ -94,10 +115,15 @@ class Matrix:
     n_out: int
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        x = _round_input(self.qtype, x)
         if len(x) == 1:
             kernels.matvec(self.qtype, self.data, x[0], out[0])
         else:
             kernels.matmul(self.qtype, self.data, x, out)
+
+    def gather(self, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """out[n] = W[rows] @ x for one token x[1, n_in]: rows int32[n]."""
+        kernels.gather_matvec(self.qtype, self.data, rows, _round_input(self.qtype, x)[0], out)
 
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         kernels.get_rows(self.qtype, self.data, ids, out)

@@ -2,10 +2,13 @@
 the FFN activation. Plain functions over float32 arrays with an `out` argument; the NumPy
 references live in tests/llama_reference.py and tests/test_ops.py."""
 
+import math
+
 import numpy as np
+from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
-from kernels.config import KERNEL, SERIAL_KERNEL
+from kernels.config import HELPER, KERNEL, SERIAL_KERNEL
 
 SILU, RELU, FATRELU = 0, 1, 2
 
@@ -102,3 +105,63 @@ def nonzero(x, idx):
             idx[n] = i
             n += 1
     return n
+
+
+# How ggml rounds a mat-vec's input before its dot products (the weight type's "vec_dot_type"):
+# Q8_0 blocks of 32 (for Q4_0, Q4_1 and Q8_0 weights; Q8_1 adds only a stored sum), Q8_K blocks of
+# 256 (Q6_K), f16 (F16), bf16 (BF16), none (F32). Emulating it keeps greedy tokens equal to llama.cpp's.
+ROUND_NONE, ROUND_Q8_0, ROUND_Q8_K, ROUND_F16, ROUND_BF16 = 0, 1, 2, 3, 4
+DOT_ROUNDING = {Q.F32: ROUND_NONE, Q.F16: ROUND_F16, Q.BF16: ROUND_BF16, Q.Q8_0: ROUND_Q8_0,
+                Q.Q4_0: ROUND_Q8_0, Q.Q4_1: ROUND_Q8_0, Q.Q6_K: ROUND_Q8_K}
+
+
+@njit(**HELPER)
+def _round_mantissa(v, bits, min_exp):
+    """v rounded to nearest-even with `bits` explicit mantissa bits, no finer than 2**(min_exp - bits - 1)."""
+    if v == 0.0:
+        return np.float32(0.0)
+    _, e = math.frexp(v)
+    ulp = math.ldexp(1.0, max(e, min_exp) - bits - 1)
+    return np.float32(np.rint(v / ulp) * ulp)
+
+
+@njit(**HELPER)
+def _round_q8_blocks(x, out, block, f16_scale):
+    """Per block: scale d from the largest magnitude, q = rint(x / d) in [-127, 127], out = d * q
+    (ggml's quantize_row_q8_0 with its f16 scale, or quantize_row_q8_K with a signed f32 scale)."""
+    for b in range(0, x.shape[0], block):
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)
+        for i in range(b, b + block):
+            if abs(x[i]) > amax:
+                amax, vmax = abs(x[i]), x[i]
+        if amax == 0.0:
+            out[b:b + block] = 0.0
+            continue
+        if f16_scale:
+            d = amax / np.float32(127.0)
+            inv, d = np.float32(1.0) / d, _round_mantissa(d, 10, -13)
+        else:
+            inv = np.float32(-127.0) / vmax
+            d = np.float32(1.0) / inv
+        for i in range(b, b + block):
+            out[i] = d * min(np.float32(127.0), np.rint(x[i] * inv))
+
+
+@njit(**SERIAL_KERNEL)
+def round_for_dot(kind, x, out):
+    """out[T, n] f32 = x[T, n] rounded as ggml rounds a mat-vec input of this kind (ROUND_*); n a
+    multiple of the block (32 for Q8_0, 256 for Q8_K)."""
+    for t in range(x.shape[0]):
+        if kind == ROUND_Q8_0:
+            _round_q8_blocks(x[t], out[t], 32, True)
+        elif kind == ROUND_Q8_K:
+            _round_q8_blocks(x[t], out[t], 256, False)
+        elif kind == ROUND_F16:
+            for i in range(x.shape[1]):
+                out[t, i] = _round_mantissa(x[t, i], 10, -13)
+        elif kind == ROUND_BF16:
+            for i in range(x.shape[1]):
+                out[t, i] = _round_mantissa(x[t, i], 7, -125)
+        else:
+            out[t] = x[t]

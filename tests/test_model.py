@@ -7,14 +7,33 @@ from gguf import GGMLQuantizationType as Q
 from hybridinfer.loader import FFNActivation
 from hybridinfer.model import load_model
 from hybridinfer.perplexity import perplexity
+import llama_reference
+from hybridinfer import loader
+from kernels.ops import ROUND_NONE
 from llama_reference import ReferenceLlama
 from make_gguf import write_llama_gguf
 
 TINY_TEXT = "And it came to pass, when the king of Israel heard these words, that he rent his clothes"
 
 
-def max_rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+@pytest.fixture(autouse=True, params=["f32 inputs", "llama.cpp rounding"])
+def rounding(request, monkeypatch):
+    """Each test twice: with mat-vec inputs in f32 on both sides, where engine and reference must agree
+    to float rounding, and with llama.cpp's 8-bit / f16 input rounding on both sides, where the
+    order of float sums decides some roundings and their flips spread to the 8-bit noise level."""
+    if request.param == "f32 inputs":
+        monkeypatch.setattr(loader, "DOT_ROUNDING", dict.fromkeys(loader.DOT_ROUNDING, ROUND_NONE))
+        monkeypatch.setattr(llama_reference, "round_input", lambda x, qtype: x)
+    return request.param
+
+
+def assert_close_logits(got: np.ndarray, expected: np.ndarray, rounding: str) -> None:
+    err, scale = np.abs(got - expected), np.abs(expected)
+    if rounding == "f32 inputs":
+        assert err.max() < 1e-4 * scale.max(), err.max()
+    else:
+        assert err.max() < 5e-2 * scale.max(), err.max()
+        assert err.mean() < 1e-2 * scale.mean(), err.mean()
 
 
 @pytest.fixture(scope="module")
@@ -27,35 +46,35 @@ def tiny_tokens(n: int = 60) -> np.ndarray:
     return np.random.default_rng(1).integers(3, 4096, n)
 
 
-def test_tiny_logits_match_numpy_reference(tiny, tiny_q8):
+def test_tiny_logits_match_numpy_reference(tiny, tiny_q8, rounding):
     _, model = tiny
     tokens = tiny_tokens()
     expected, _ = ReferenceLlama(tiny_q8, "relu").forward(tokens)
-    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+    assert_close_logits(model.forward(tokens, 0, all_logits=True), expected, rounding)
 
 
-def test_prefill_equals_token_by_token(tiny):
+def test_prefill_equals_token_by_token(tiny, rounding):
     _, model = tiny
     tokens = tiny_tokens(40)
     batched = model.forward(tokens, 0, all_logits=True).copy()
     stepped = np.stack([model.forward(tokens[i:i + 1], i)[0].copy() for i in range(len(tokens))])
-    # matvec and matmul sum in different orders; an f16 cache rounding can flip on that
-    assert max_rel_err(stepped, batched) < 1e-4
+    # matvec and matmul sum in different orders; an input or cache rounding can flip on that
+    assert_close_logits(stepped, batched, rounding)
 
 
-def test_prefill_in_micro_batches_equals_one_batch(tiny_q8):
+def test_prefill_in_micro_batches_equals_one_batch(tiny_q8, rounding):
     tokens = tiny_tokens(100)
     _, whole = load_model(tiny_q8, n_ctx=128)
     _, split = load_model(tiny_q8, n_ctx=128)
     split.n_batch = 32
-    assert max_rel_err(split.forward(tokens, 0, all_logits=True), whole.forward(tokens, 0, all_logits=True)) < 1e-5
+    assert_close_logits(split.forward(tokens, 0, all_logits=True), whole.forward(tokens, 0, all_logits=True), rounding)
 
 
-def test_silu_override_changes_activation(tiny_q8):
+def test_silu_override_changes_activation(tiny_q8, rounding):
     tokens = tiny_tokens(20)
     _, model = load_model(tiny_q8, n_ctx=64, ffn_act=FFNActivation.parse("silu"))
     expected, _ = ReferenceLlama(tiny_q8, "silu").forward(tokens)
-    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+    assert_close_logits(model.forward(tokens, 0, all_logits=True), expected, rounding)
 
 
 def test_tiny_relu_perplexity_and_sparsity_match_its_readme(tiny_q8):
@@ -73,18 +92,18 @@ def test_tiny_relu_perplexity_and_sparsity_match_its_readme(tiny_q8):
 
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
 @pytest.mark.parametrize("tied", [False, True])
-def test_random_model_matches_reference(tmp_path, qtype, tied):
+def test_random_model_matches_reference(tmp_path, qtype, tied, rounding):
     path = write_llama_gguf(tmp_path / "m.gguf", qtype=qtype, tied=tied, n_embd=64, n_ff=96)
     tokens = np.random.default_rng(0).integers(0, 275, 24)
     expected, _ = ReferenceLlama(path, "relu").forward(tokens)
     _, model = load_model(path)
-    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+    assert_close_logits(model.forward(tokens, 0, all_logits=True), expected, rounding)
 
 
-def test_dequantized_at_load_type_works_with_notice(tmp_path, capsys):
+def test_dequantized_at_load_type_works_with_notice(tmp_path, capsys, rounding):
     path = write_llama_gguf(tmp_path / "m.gguf", qtype=Q.Q5_0, n_embd=64, n_ff=96)
     tokens = np.arange(10)
     expected, _ = ReferenceLlama(path, "relu").forward(tokens)
     _, model = load_model(path)
     assert "Q5_0 are dequantized to F32 at load" in capsys.readouterr().err
-    assert max_rel_err(model.forward(tokens, 0, all_logits=True), expected) < 1e-4
+    assert_close_logits(model.forward(tokens, 0, all_logits=True), expected, rounding)

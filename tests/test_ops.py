@@ -70,3 +70,21 @@ def test_ffn_activation(kind, threshold, act):
     expected = act(gate) * up
     ops.ffn_activation(gate, up, kind, np.float32(threshold))
     np.testing.assert_allclose(gate, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "F16", "BF16", "Q6_K", "F32"])
+def test_round_for_dot_matches_numpy(qtype):
+    """ggml's rounding of a mat-vec input, against gguf's Q8_0 quantizer and NumPy's casts."""
+    from gguf import GGMLQuantizationType as Q
+    from llama_reference import round_input
+    x = (randn(3, 512) * np.exp(2 * randn(3, 512))).astype(np.float32)
+    x[1, :32] = 0.0  # an all-zero block
+    x[2, 5] = 1e-7  # an f16 subnormal
+    out = np.full_like(x, np.nan)
+    ops.round_for_dot(ops.DOT_ROUNDING[Q[qtype]], x, out)
+    if qtype == "BF16":
+        bits = x.view(np.uint32)
+        expected = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+    else:
+        expected = round_input(x, Q[qtype])
+    np.testing.assert_array_equal(out, expected)
