@@ -145,6 +145,10 @@ def test_bad_input_raises_value_error():
     w, x, out = weights(Q.Q4_0, 8, 64), np.zeros(64, np.float32), np.zeros(8, np.float32)
     read_only = np.zeros(8, np.float32)
     read_only.setflags(write=False)
+
+    def zeros(*shape):
+        return np.zeros(shape, np.float32)
+
     bad_calls = {
         "x too short": lambda: kernels.matvec(Q.Q4_0, w, x[:32], out),
         "x float64": lambda: kernels.matvec(Q.Q4_0, w, x.astype(np.float64), out),
@@ -157,14 +161,13 @@ def test_bad_input_raises_value_error():
         "x non-contiguous": lambda: kernels.matvec(Q.Q4_0, w, np.zeros(128, np.float32)[::2], out),
         "out read-only": lambda: kernels.matvec(Q.Q4_0, w, x, read_only),
         "out overlaps x": lambda: kernels.matvec(Q.F32, np.zeros((64, 256), np.uint8), x, x),
-        "matmul x wrong width": lambda: kernels.matmul(Q.Q4_0, w, np.zeros((3, 32), np.float32), np.zeros((3, 8), np.float32)),
-        "matmul out wrong T": lambda: kernels.matmul(Q.Q4_0, w, np.zeros((3, 64), np.float32), np.zeros((2, 8), np.float32)),
-        "matmul x non-contiguous": lambda: kernels.matmul(Q.Q4_0, w, np.zeros((3, 128), np.float32)[:, ::2],
-                                                          np.zeros((3, 8), np.float32)),
-        "get_rows id too large": lambda: kernels.get_rows(Q.Q4_0, w, np.array([8]), np.zeros((1, 64), np.float32)),
-        "get_rows negative id": lambda: kernels.get_rows(Q.Q4_0, w, np.array([-1]), np.zeros((1, 64), np.float32)),
-        "get_rows float ids": lambda: kernels.get_rows(Q.Q4_0, w, np.array([1.0]), np.zeros((1, 64), np.float32)),
-        "get_rows out wrong shape": lambda: kernels.get_rows(Q.Q4_0, w, np.array([1, 2]), np.zeros((1, 64), np.float32)),
+        "matmul x wrong width": lambda: kernels.matmul(Q.Q4_0, w, zeros(3, 32), zeros(3, 8)),
+        "matmul out wrong T": lambda: kernels.matmul(Q.Q4_0, w, zeros(3, 64), zeros(2, 8)),
+        "matmul x non-contiguous": lambda: kernels.matmul(Q.Q4_0, w, zeros(3, 128)[:, ::2], zeros(3, 8)),
+        "get_rows id too large": lambda: kernels.get_rows(Q.Q4_0, w, np.array([8]), zeros(1, 64)),
+        "get_rows negative id": lambda: kernels.get_rows(Q.Q4_0, w, np.array([-1]), zeros(1, 64)),
+        "get_rows float ids": lambda: kernels.get_rows(Q.Q4_0, w, np.array([1.0]), zeros(1, 64)),
+        "get_rows out wrong shape": lambda: kernels.get_rows(Q.Q4_0, w, np.array([1, 2]), zeros(1, 64)),
         "threads zero": lambda: kernels.set_threads(0),
     }
     for name, call in bad_calls.items():
