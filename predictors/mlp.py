@@ -45,6 +45,7 @@ class _Layer:
         self.threshold = np.float32(threshold)
         self.fc1 = _operand(fc1, qtype)
         self.fc2 = _operand(fc2, qtype)
+        self.h = np.empty(self.rank, np.float32)  # decode scratch: relu(fc1 @ x)
 
     @property
     def nbytes(self) -> int:
@@ -54,9 +55,12 @@ class _Layer:
 def _operand(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[GGMLQuantizationType, np.ndarray]:
     # Q8_0 needs rows in whole 32-value blocks; other rows stay F16
     if qtype == Q8_0 and w.shape[1] % _Q8_BLOCK == 0:
-        return Q8_0, np.ascontiguousarray(quants.quantize(w.astype(np.float32), Q8_0))
-    w16 = np.ascontiguousarray(w, np.float16)
-    return F16, w16.view(np.uint8).reshape(w16.shape[0], -1)
+        qtype, blocks = Q8_0, np.ascontiguousarray(quants.quantize(w.astype(np.float32), Q8_0))
+    else:
+        w16 = np.array(w, np.float16, order="C")  # a copy: the caller's arrays stay theirs
+        qtype, blocks = F16, w16.view(np.uint8).reshape(w16.shape[0], -1)
+    blocks.flags.writeable = False  # as kernels take weights: read-only, so no view per call
+    return qtype, blocks
 
 
 class PredictorSet:
@@ -72,6 +76,7 @@ class PredictorSet:
         self.layers = [_Layer(w1, w2, t, PREDICTOR_QTYPES[qtype])
                        for w1, w2, t in zip(weights.fc1, weights.fc2, weights.thresholds)]
         self._alloc(max(n_batch, 1))
+        self._logits1 = np.empty(self.n_ff, np.float32)  # decode scratch
         self._idx = np.empty(self.n_ff, np.int32)
 
     def _alloc(self, n: int) -> None:
@@ -141,6 +146,9 @@ class PredictorSet:
 
     def active_indices(self, layer: int, resid_vec: np.ndarray) -> np.ndarray:
         """Sorted int32 indices of the neurons predicted active for one token resid_vec f32 [n_embd]."""
-        logits = self.logits(layer, resid_vec.reshape(1, -1))[0]
-        n = select_active(logits, self.layers[layer].threshold, self._idx)
+        L, logits = self.layers[layer], self._logits1
+        kernels.matvec(*L.fc1, resid_vec, L.h)
+        np.maximum(L.h, 0.0, out=L.h)
+        kernels.matvec(*L.fc2, L.h, logits)
+        n = select_active(logits, L.threshold, self._idx)
         return self._idx[:n].copy()
