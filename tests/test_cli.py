@@ -7,6 +7,7 @@ import sys
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from hybridinfer.commands.common import DEFAULT_PREDICTOR
 from make_gguf import write_llama_gguf
 
 
@@ -24,7 +25,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
 
 
 def test_run_default_model_greedy_json():
-    result = cli("run", "-p", "And it came to pass, when the king", "-n", "20", "--temp", "0", "--json")
+    result = cli("run", "-p", "And it came to pass, when the king", "-n", "20", "--temp", "0", "--sparse", "exact",
+                 "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["text"].startswith(" of Israel saw that the king of Israel")
@@ -101,3 +103,57 @@ def test_bad_model_files(bad_files, name, words):
 ])
 def test_bad_arguments(args, words):
     assert_one_line_error(cli("run", *args), *words)
+
+
+@pytest.fixture(scope="module")
+def silu_model(tmp_path_factory):
+    return write_llama_gguf(tmp_path_factory.mktemp("silu") / "silu.gguf", ffn_act=None)
+
+
+@pytest.fixture(scope="module")
+def partial_predictor(tmp_path_factory):
+    """The shipped predictor with one layer's weights left out."""
+    import shutil
+    from safetensors.numpy import load_file, save_file
+    d = tmp_path_factory.mktemp("pred") / "partial"
+    shutil.copytree(DEFAULT_PREDICTOR, d)
+    weights = next(d.glob("*.safetensors"))
+    tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("blk.5.")}
+    save_file(tensors, weights)
+    return d
+
+
+def test_run_default_model_uses_its_predictor_and_reports_stats():
+    result = cli("run", "-n", "16", "--temp", "0", "--stats", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["sparse"] == "predicted"
+    overall = out["stats"]["overall"]
+    assert overall["recall"] > 0.9 and overall["predicted_sparsity"] > 0.5
+    assert len(out["stats"]["layers"]) == 6
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sparse", "exact", "--predictor", "."], ["--predictor", "--sparse exact"]),
+    (["--predictor", "/nonexistent/dir"], ["/nonexistent/dir"]),
+])
+def test_bad_sparse_options(args, words):
+    assert_one_line_error(cli("run", "-n", "1", *args), *words)
+
+
+def test_predicted_without_predictor_is_refused(tiny_q8):
+    assert_one_line_error(cli("run", str(tiny_q8), "--sparse", "predicted", "-n", "1"), "needs a predictor")
+
+
+def test_sparse_on_silu_model_is_refused(silu_model):
+    assert_one_line_error(cli("run", str(silu_model), "--sparse", "exact", "-n", "1"), "silu", "--ffn-act")
+
+
+def test_predictor_of_another_model_is_refused(silu_model):
+    assert_one_line_error(cli("run", str(silu_model), "--ffn-act", "relu", "--predictor", str(DEFAULT_PREDICTOR),
+                              "-n", "1"), "another model")
+
+
+def test_partial_predictor_is_refused(tiny_q8, partial_predictor):
+    assert_one_line_error(cli("run", str(tiny_q8), "--predictor", str(partial_predictor), "-n", "1"),
+                          str(partial_predictor))

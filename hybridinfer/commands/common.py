@@ -45,6 +45,13 @@ def float_in(low: float, high: float, low_open: bool = False):
     return parse
 
 
+def ffn_act_arg(text: str) -> FFNActivation:
+    try:
+        return FFNActivation.parse(text)
+    except HybridInferError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None, ctx_help: str | None) -> None:
     """The model, threads and FFN activation options; -c unless ctx_default is None."""
     parser.add_argument("model", nargs="?", type=Path, help=f"GGUF file (default: {DEFAULT_MODEL.name}, shipped)")
@@ -53,7 +60,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
         parser.add_argument("-c", "--ctx-size", type=int_at_least(0), default=ctx_default, help=ctx_help)
     parser.add_argument("-t", "--threads", type=int_at_least(1), default=DEFAULT_THREADS,
                         help=f"threads (default: {DEFAULT_THREADS})")
-    parser.add_argument("--ffn-act", type=FFNActivation.parse, metavar="silu|relu|fatrelu:T",
+    parser.add_argument("--ffn-act", type=ffn_act_arg, metavar="silu|relu|fatrelu:T",
                         help="FFN activation, overriding the file's hybridinfer.ffn_activation (default: silu)")
     parser.add_argument("--sparse", choices=SPARSE_MODES,
                         help="FFN mode (default: predicted with --predictor, else exact for ReLU/FATReLU "
