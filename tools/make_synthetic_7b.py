@@ -1,0 +1,119 @@
+"""Make a ProSparse-7B-shaped llama GGUF with made-up Q4_0 weights, and a made-up predictor for it.
+
+32 layers, n_embd 4096, n_ff 11008, 32 heads, vocabulary 32000, ReLU FFN; about 3.8 GB. The
+predictor (rank 1024) has random weights and per-layer thresholds set, on a few tokens run through
+the model, at the quantile that leaves --active of the neurons active. Honest for speed, meaningless
+for text: use it only to compare decoding speed with llama.cpp on the same file.
+
+    python tools/make_synthetic_7b.py -o /tmp/synth7b.gguf
+    hybridinfer bench -m /tmp/synth7b.gguf --predictor /tmp/synth7b.predictor -p 0 -n 16 -r 3 --vs-llamacpp
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+from hybridinfer.gguf_file import GGUFFile
+from hybridinfer.loader import ModelArgs, load_weights
+from hybridinfer.model import Transformer
+from predictors import PredictorWeights, fingerprint, save
+
+Q4_0 = GGMLQuantizationType.Q4_0
+SCALE = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)  # every block's scale: keeps activations finite
+
+
+def q4_0_blocks(rng, n_out: int, n_in: int) -> np.ndarray:
+    """Random Q4_0 rows with nibbles 1..15, so that the weights d * (q - 8) have mean zero."""
+    block, size = GGML_QUANT_SIZES[Q4_0]
+    data = np.empty((n_out, n_in // block, size), np.uint8)
+    data[:, :, :2] = SCALE
+    low, high = (rng.integers(1, 16, (n_out, n_in // block, size - 2), dtype=np.uint8) for _ in range(2))
+    data[:, :, 2:] = low | (high << 4)
+    return data.reshape(n_out, -1)
+
+
+def write_model(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_vocab: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("synthetic ProSparse-7B-shaped model (made-up weights, speed only)")
+    for add, value in ((w.add_block_count, n_layer), (w.add_context_length, 4096), (w.add_embedding_length, n_embd),
+                       (w.add_feed_forward_length, n_ff), (w.add_head_count, n_head), (w.add_head_count_kv, n_head),
+                       (w.add_rope_freq_base, 10000.0), (w.add_layer_norm_rms_eps, 1e-5), (w.add_vocab_size, n_vocab)):
+        add(value)
+    w.add_string("hybridinfer.ffn_activation", "relu")
+    words = n_vocab - 259
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *[f"▁w{i}" for i in range(words)]])
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(words)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * words)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    ones = np.ones(n_embd, np.float32)
+    w.add_tensor("token_embd.weight", q4_0_blocks(rng, n_vocab, n_embd), raw_dtype=Q4_0)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{name}.weight", q4_0_blocks(rng, n_embd, n_embd), raw_dtype=Q4_0)
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", q4_0_blocks(rng, n_ff, n_embd), raw_dtype=Q4_0)
+        w.add_tensor(f"blk.{i}.ffn_up.weight", q4_0_blocks(rng, n_ff, n_embd), raw_dtype=Q4_0)
+        w.add_tensor(f"blk.{i}.ffn_down.weight", q4_0_blocks(rng, n_embd, n_ff), raw_dtype=Q4_0)
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", q4_0_blocks(rng, n_vocab, n_embd), raw_dtype=Q4_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+class _Recorder:
+    """A dense FFN that keeps each layer's predictor input (the residual stream before ffn_norm)."""
+
+    def __init__(self, dense, n_layer: int):
+        self.dense, self.inputs = dense, [[] for _ in range(n_layer)]
+
+    def __call__(self, layer, blk, resid, xn, out):
+        self.inputs[layer].append(resid.copy())
+        self.dense(layer, blk, resid, xn, out)
+
+
+def write_predictor(model_path: Path, out: Path, rank: int, active: float, n_tokens: int, seed: int) -> None:
+    gguf = GGUFFile(model_path)
+    args = ModelArgs.from_metadata(gguf.metadata)
+    model = Transformer(args, load_weights(gguf, args), n_tokens)
+    recorder = _Recorder(model.ffn, args.n_layer)
+    model.ffn = recorder
+    rng = np.random.default_rng(seed)
+    model.forward(rng.integers(3, args.n_vocab, n_tokens), 0)
+    fc1 = [(rng.standard_normal((rank, args.n_embd)) / np.sqrt(args.n_embd)).astype(np.float16)
+           for _ in range(args.n_layer)]
+    fc2 = [(rng.standard_normal((args.n_ff, rank)) / np.sqrt(rank)).astype(np.float16) for _ in range(args.n_layer)]
+    thresholds = []
+    for i in range(args.n_layer):
+        x = np.concatenate(recorder.inputs[i])
+        logits = np.maximum(x @ fc1[i].T.astype(np.float32), 0) @ fc2[i].T.astype(np.float32)
+        thresholds.append(float(np.quantile(logits, 1 - active)))
+    fp = fingerprint("llama", args.n_layer, args.n_embd, args.n_ff, {n: t.shape for n, t in gguf.tensors.items()})
+    save(out, PredictorWeights(fc1, fc2, thresholds, fp,
+                               {"training": {"what": f"made-up: random weights, thresholds for {active:.0%} active "
+                                                     f"on {n_tokens} random tokens; speed only"}}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--output", type=Path, required=True, help="GGUF file to write; DIR.predictor beside it")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--rank", type=int, default=1024)
+    p.add_argument("--active", type=float, default=0.11, help="share of neurons the predictor marks active")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    write_model(a.output, a.layers, 4096, 11008, 32, 32000, a.seed)
+    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, a.active, 8, a.seed)
+    print(a.output, a.output.with_suffix(".predictor"))
+
+
+if __name__ == "__main__":
+    main()
