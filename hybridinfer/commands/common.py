@@ -14,6 +14,7 @@ from hybridinfer.loader import FFNActivation, ModelArgs, load_weights
 from hybridinfer.ffn import SPARSE_MODES, make_ffn
 from hybridinfer.model import N_BATCH, Transformer
 from predictors import PredictorError, PredictorSet, SparsityStats, fingerprint
+from predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"
@@ -67,6 +68,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
                              "models, else off)")
     parser.add_argument("--predictor", type=Path, metavar="DIR",
                         help="predictor directory (ours or PowerInfer's); the default model uses its own")
+    parser.add_argument("--predictor-type", choices=list(PREDICTOR_QTYPES), default=DEFAULT_QTYPE,
+                        help=f"predictor weights at run time: as stored (f16) or quantised to q8_0 at load, "
+                             f"half the bytes (default: {DEFAULT_QTYPE})")
 
 
 @dataclass
@@ -122,7 +126,7 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
         fp = fingerprint(gguf.metadata["general.architecture"], margs.n_layer, margs.n_embd, margs.n_ff,
                          {name: t.shape for name, t in gguf.tensors.items()})
         try:
-            predictor = PredictorSet.load(predictor_dir, fp)
+            predictor = PredictorSet.load(predictor_dir, fp, args.predictor_type)
         except PredictorError as e:
             raise HybridInferError(str(e)) from None
     sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
