@@ -13,6 +13,7 @@ import numpy as np
 
 import kernels
 from predictors import PredictorSet, SparsityStats
+from hybridinfer.errors import HybridInferError
 from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, neuron_major
 from kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
 
@@ -22,6 +23,19 @@ ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
 def activate(act: FFNActivation, gate: np.ndarray, up: np.ndarray) -> None:
     """gate[T, n_ff] <- act(gate) * up, in place."""
     ffn_activation(gate, up, ACT_KIND[act.kind], np.float32(act.threshold))
+
+
+def active_mask(act: FFNActivation, gate: np.ndarray, out: np.ndarray) -> None:
+    """out bool [T, n_ff] <- act(gate) != 0 for gate f32 [T, n_ff], the gate projection before activation:
+    the truly active set A of DESIGN.md."""
+    if act.kind == "relu":
+        np.greater(gate, 0.0, out=out)
+    elif act.kind == "fatrelu":  # keeps g >= threshold, so g == 0 there is inactive too
+        np.greater_equal(gate, np.float32(act.threshold), out=out)
+        out &= gate != 0.0
+    else:
+        raise HybridInferError(f"FFN activation {act} has no exact zeros to predict: give a ReLU model or "
+                               f"--ffn-act relu / fatrelu:T")
 
 
 class DenseFFN:
@@ -60,14 +74,14 @@ class ExactSparseFFN(DenseFFN):
         g, u = self.gate[0], self.up[0]
         blk.ffn_gate(xn, self.gate[:1])
         activation(g, self.kind, np.float32(self.act.threshold))
+        if self.stats:
+            active = (g != 0)[None, :]
+            self.stats.add(layer, active, active)
         n = nonzero(g, self.idx)
         idx = self.idx[:n]
         blk.ffn_up.gather(idx, xn, u[:n])
         g[idx] *= u[:n]
         blk.ffn_down(self.gate[:1], out)
-        if self.stats:
-            active = (g != 0)[None, :]
-            self.stats.add(layer, active, active)
 
 
 class PredictedFFN(DenseFFN):
@@ -79,7 +93,6 @@ class PredictedFFN(DenseFFN):
         super().__init__(args, n_batch)
         self.predictor, self.stats = predictor, stats
         self.predictor_s = 0.0  # time in the predictor, measured with --stats only
-        self.kind = ACT_KIND[self.act.kind]
         self.down_t: list[Matrix] = [neuron_major(blk.ffn_down) for blk in blocks]  # [n_ff, n_embd] each
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.idx = np.zeros(args.n_ff, np.int32)
@@ -99,10 +112,10 @@ class PredictedFFN(DenseFFN):
         if self.stats:
             # the true set needs the dense gate: this costs time, so --stats runs are not for speed
             blk.ffn_gate(xn, self.gate[:1])
-            activation(self.gate[0], self.kind, np.float32(self.act.threshold))
+            active_mask(self.act, self.gate[:1], self.mask[:1])
             predicted = np.zeros((1, len(self.idx)), bool)
             predicted[0, idx] = True
-            self.stats.add(layer, (self.gate[:1] != 0), predicted)
+            self.stats.add(layer, self.mask[:1], predicted)
         n = len(idx)
         g, u = self.gate[:1, :n], self.up[:1, :n]
         blk.ffn_gate.gather(idx, xn, g[0])
@@ -122,9 +135,9 @@ class PredictedFFN(DenseFFN):
         blk.ffn_gate(xn, gate)
         blk.ffn_up(xn, up)
         if self.stats:
-            true_gate = gate.copy()
-            activation(true_gate.reshape(-1), self.kind, np.float32(self.act.threshold))
-            self.stats.add(layer, true_gate != 0, mask)
+            active = np.empty_like(mask)
+            active_mask(self.act, gate, active)
+            self.stats.add(layer, active, mask)
         gate[~mask] = 0.0
         activate(self.act, gate, up)
         down = self.down_t[layer]

@@ -10,6 +10,7 @@ import kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile, TensorInfo
 from kernels.ops import DOT_ROUNDING, ROUND_NONE, round_for_dot
+from predictors.format import Fingerprint, fingerprint
 
 ACTIVATIONS = ("silu", "relu", "fatrelu")
 
@@ -184,6 +185,12 @@ class _TensorLoader:
         count[0] += 1
         count[1] += values.nbytes - t.data.nbytes
         return Matrix(GGMLQuantizationType.F32, values.view(np.uint8), n_in, n_out)
+
+
+def model_fingerprint(gguf: GGUFFile, args: ModelArgs) -> Fingerprint:
+    """What a predictor must have been trained for: architecture, sizes, tensor names and shapes."""
+    return fingerprint(gguf.metadata.get("general.architecture", ""), args.n_layer, args.n_embd, args.n_ff,
+                       {name: t.shape for name, t in gguf.tensors.items()})
 
 
 def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:

@@ -95,10 +95,10 @@ class Transformer:
         return logits
 
 
-def load_model(path: str | Path, n_ctx: int | None = None, ffn_act: FFNActivation | None = None,
-               ffn=None) -> tuple[GGUFFile, Transformer]:
+def load_model(path: str | Path, n_ctx: int | None = None,
+               ffn_act: FFNActivation | None = None) -> tuple[GGUFFile, Transformer]:
     """Open a GGUF file and build the model; n_ctx defaults to min(4096, the model's context length)."""
     gguf = GGUFFile(path)
     args = ModelArgs.from_metadata(gguf.metadata, ffn_act)
     weights = load_weights(gguf, args)
-    return gguf, Transformer(args, weights, n_ctx or min(4096, args.n_ctx_train), ffn)
+    return gguf, Transformer(args, weights, n_ctx or min(4096, args.n_ctx_train))

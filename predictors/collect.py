@@ -15,11 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from hybridinfer.errors import HybridInferError
-from hybridinfer.gguf_file import GGUFFile
-from hybridinfer.loader import FFNActivation, ModelArgs
+from hybridinfer.ffn import active_mask
+from hybridinfer.loader import ModelArgs
 from hybridinfer.model import Transformer
 from hybridinfer.tokenizer import Tokenizer
-from predictors.format import Fingerprint, fingerprint
 
 INDEX = "collection.json"
 
@@ -27,23 +26,6 @@ INDEX = "collection.json"
 def progress_bar(iterable=None, **kw) -> tqdm:
     """tqdm, updating rarely when stderr is a log file rather than a terminal."""
     return tqdm(iterable, mininterval=0.2 if sys.stderr.isatty() else 30.0, **kw)
-
-
-def model_fingerprint(gguf: GGUFFile, args: ModelArgs) -> Fingerprint:
-    return fingerprint(gguf.metadata.get("general.architecture", ""), args.n_layer, args.n_embd, args.n_ff,
-                       {name: t.shape for name, t in gguf.tensors.items()})
-
-
-def active_mask(act: FFNActivation, gate: np.ndarray, out: np.ndarray) -> None:
-    """out bool [T, n_ff] <- act(gate) != 0 for gate f32 [T, n_ff], the gate projection before activation."""
-    if act.kind == "relu":
-        np.greater(gate, 0.0, out=out)
-    elif act.kind == "fatrelu":  # keeps g >= threshold, so g == 0 there is inactive too
-        np.greater_equal(gate, np.float32(act.threshold), out=out)
-        out &= gate != 0.0
-    else:
-        raise HybridInferError(f"FFN activation {act} has no exact zeros to predict: give a ReLU model or "
-                               f"--ffn-act relu / fatrelu:T")
 
 
 class RecordingFFN:

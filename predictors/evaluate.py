@@ -22,7 +22,8 @@ from hybridinfer.loader import ModelArgs
 from hybridinfer.model import load_model
 from hybridinfer.perplexity import perplexity
 from hybridinfer.tokenizer import Tokenizer
-from predictors.collect import active_mask, model_fingerprint
+from hybridinfer.ffn import active_mask
+from hybridinfer.loader import model_fingerprint
 from predictors.format import PredictorError
 from predictors.mlp import PredictorSet
 from predictors.stats import SparsityStats

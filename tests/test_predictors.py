@@ -305,7 +305,7 @@ def test_fingerprint_ignores_quant_type(tmp_path):
 
     from hybridinfer.gguf_file import GGUFFile
     from hybridinfer.loader import ModelArgs
-    from predictors.collect import model_fingerprint
+    from hybridinfer.loader import model_fingerprint
     fps = []
     for q in (GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0):
         g = GGUFFile(write_llama_gguf(tmp_path / f"{q.name}.gguf", qtype=q))

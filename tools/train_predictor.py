@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from hybridinfer.loader import ModelArgs
     from hybridinfer.model import load_model
     from hybridinfer.tokenizer import Tokenizer
-    from predictors.collect import Collection, collect, model_fingerprint
+    from hybridinfer.loader import model_fingerprint
+    from predictors.collect import Collection, collect
     from predictors.format import PredictorError, save
     from predictors.train import split_chunks, train
 

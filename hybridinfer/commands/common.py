@@ -10,10 +10,10 @@ from pathlib import Path
 import kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
-from hybridinfer.loader import FFNActivation, ModelArgs, load_weights
+from hybridinfer.loader import FFNActivation, ModelArgs, load_weights, model_fingerprint
 from hybridinfer.ffn import SPARSE_MODES, make_ffn
 from hybridinfer.model import N_BATCH, Transformer
-from predictors import PredictorError, PredictorSet, SparsityStats, fingerprint
+from predictors import PredictorError, PredictorSet, SparsityStats
 from predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
 
@@ -123,10 +123,8 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
     weights = load_weights(gguf, margs)
     predictor = None
     if mode == "predicted":
-        fp = fingerprint(gguf.metadata["general.architecture"], margs.n_layer, margs.n_embd, margs.n_ff,
-                         {name: t.shape for name, t in gguf.tensors.items()})
         try:
-            predictor = PredictorSet.load(predictor_dir, fp, args.predictor_type)
+            predictor = PredictorSet.load(predictor_dir, model_fingerprint(gguf, margs), args.predictor_type)
         except PredictorError as e:
             raise HybridInferError(str(e)) from None
     sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
