@@ -22,18 +22,24 @@ from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs
 from predictors import PredictorSet
 
 
-def random_matrix(rng, qtype: GGMLQuantizationType, n_in: int, n_out: int) -> Matrix:
-    """Random blocks of qtype whose f16 scales are a sane 0.01 (other bytes random)."""
+def random_matrix(rng, qtype: GGMLQuantizationType, n_in: int, n_out: int, scale: float = 0.01) -> Matrix:
+    """Random zero-mean weights of qtype: 4-bit codes 1..15 (Q4_0: values scale * (q - 8)), int8 codes
+    -127..127 (Q8_0), or normal values (F16); every block's f16 scale is `scale` (Q4_1's min -8 * scale)."""
     block, size = GGML_QUANT_SIZES[qtype]
-    data = rng.integers(0, 256, (n_out, n_in // block * size), dtype=np.uint8)
-    if qtype in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1):
-        blocks = data.reshape(n_out, -1, size)
-        blocks[:, :, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-        if qtype == GGMLQuantizationType.Q4_1:
-            blocks[:, :, 2:4] = np.frombuffer(np.float16(-0.08).tobytes(), np.uint8)
-    elif qtype == GGMLQuantizationType.F16:
-        data = (rng.standard_normal((n_out, n_in)) * 0.02).astype(np.float16).view(np.uint8)
-    return Matrix(qtype, data, n_in, n_out)
+    if qtype == GGMLQuantizationType.F16:
+        data = (rng.standard_normal((n_out, n_in)) * scale).astype(np.float16).view(np.uint8)
+        return Matrix(qtype, data, n_in, n_out)
+    blocks = rng.integers(0, 256, (n_out, n_in // block, size), dtype=np.uint8)
+    header = 2 if qtype != GGMLQuantizationType.Q4_1 else 4
+    blocks[:, :, 0:2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+    if qtype == GGMLQuantizationType.Q4_1:
+        blocks[:, :, 2:4] = np.frombuffer(np.float16(-8 * scale).tobytes(), np.uint8)
+    if qtype == GGMLQuantizationType.Q8_0:
+        blocks[:, :, header:] = rng.integers(-127, 128, (n_out, n_in // block, size - header)).astype(np.int8).view(np.uint8)
+    else:
+        low, high = (rng.integers(1, 16, (n_out, n_in // block, size - header), dtype=np.uint8) for _ in range(2))
+        blocks[:, :, header:] = low | (high << 4)
+    return Matrix(qtype, blocks.reshape(n_out, -1), n_in, n_out)
 
 
 def main() -> None:

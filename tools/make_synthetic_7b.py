@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from bench_ffn import random_matrix
+from gguf import GGMLQuantizationType, GGUFWriter
 
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import ModelArgs, load_weights
@@ -21,17 +22,11 @@ from hybridinfer.model import Transformer
 from predictors import PredictorWeights, fingerprint, save
 
 Q4_0 = GGMLQuantizationType.Q4_0
-SCALE = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)  # every block's scale: keeps activations finite
+SCALE = 0.002  # every block's scale: keeps activations finite over 32 layers
 
 
 def q4_0_blocks(rng, n_out: int, n_in: int) -> np.ndarray:
-    """Random Q4_0 rows with nibbles 1..15, so that the weights d * (q - 8) have mean zero."""
-    block, size = GGML_QUANT_SIZES[Q4_0]
-    data = np.empty((n_out, n_in // block, size), np.uint8)
-    data[:, :, :2] = SCALE
-    low, high = (rng.integers(1, 16, (n_out, n_in // block, size - 2), dtype=np.uint8) for _ in range(2))
-    data[:, :, 2:] = low | (high << 4)
-    return data.reshape(n_out, -1)
+    return random_matrix(rng, Q4_0, n_in, n_out, SCALE).data
 
 
 def write_model(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_vocab: int, seed: int) -> None:
