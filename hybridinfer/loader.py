@@ -9,7 +9,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 import kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile, TensorInfo
-from kernels.ops import DOT_ROUNDING, ROUND_NONE, round_for_dot
+from kernels.ops import DOT_ROUNDING, ROUND_NONE, ROUND_Q8_0, round_for_dot
 from predictors.format import Fingerprint, fingerprint
 
 ACTIVATIONS = ("silu", "relu", "fatrelu")
@@ -90,10 +90,11 @@ _scratch = np.empty(0, np.float32)  # the rounded input of the current mat-vec (
 
 
 def _round_input(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
-    """x as ggml rounds it before a dot product with weights of qtype (see kernels.ops.DOT_ROUNDING)."""
+    """x as ggml rounds it before a dot product with weights of qtype (see kernels.ops.DOT_ROUNDING);
+    the kernels quantise it themselves to Q8_0 blocks for their integer dot products."""
     global _scratch
     kind = DOT_ROUNDING[qtype]
-    if kind == ROUND_NONE:
+    if kind in (ROUND_NONE, ROUND_Q8_0):
         return x
     if _scratch.size < x.size:
         _scratch = np.empty(x.size, np.float32)

@@ -5,6 +5,10 @@ uint8 array of shape (n_out, row_bytes), C-contiguous, holding each output row's
 memory-mapped (F32/F16/BF16 data viewed as uint8). Blocks are decoded where they lie: no call
 copies or dequantises the whole matrix. Any alignment works.
 
+For Q4_0, Q4_1 and Q8_0 weights, matvec, matmul and gather_matvec first quantise x to 8-bit blocks
+of 32 values, as ggml does (its vec_dot_type), and mat-vecs take exact integer dot products of the
+bytes; other types take x as given.
+
 Every function checks shapes, dtypes and contiguity here, since the numba kernels (kernels/cpu.py)
 check no bounds, and raises ValueError on bad input. Results are bit-identical whatever the
 thread count: each output row is computed by one thread, always in the same order.

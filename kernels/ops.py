@@ -126,26 +126,56 @@ def _round_mantissa(v, bits, min_exp):
 
 
 @njit(**HELPER)
+def _q8_scale(x, b, block, f16_scale):
+    """(d, inv) of the block x[b:b+block], ggml's quantize_row_q8_0 (f16 scale from the largest
+    magnitude) or quantize_row_q8_K (signed f32 scale): its values are q = min(127, rint(x * inv)),
+    meaning d * q. Both zero for a block of zeros."""
+    amax = np.float32(0.0)
+    vmax = np.float32(0.0)
+    for i in range(b, b + block):
+        if abs(x[i]) > amax:
+            amax, vmax = abs(x[i]), x[i]
+    if amax == 0.0:
+        return np.float32(0.0), np.float32(0.0)
+    if f16_scale:
+        d = amax / np.float32(127.0)
+        return _round_mantissa(d, 10, -13), np.float32(1.0) / d
+    inv = np.float32(-127.0) / vmax
+    return np.float32(1.0) / inv, inv
+
+
+@njit(**HELPER)
 def _round_q8_blocks(x, out, block, f16_scale):
-    """Per block: scale d from the largest magnitude, q = rint(x / d) in [-127, 127], out = d * q
-    (ggml's quantize_row_q8_0 with its f16 scale, or quantize_row_q8_K with a signed f32 scale)."""
+    """out = x rounded to 8-bit blocks of `block` values, as floats d * q (see _q8_scale)."""
     for b in range(0, x.shape[0], block):
-        amax = np.float32(0.0)
-        vmax = np.float32(0.0)
-        for i in range(b, b + block):
-            if abs(x[i]) > amax:
-                amax, vmax = abs(x[i]), x[i]
-        if amax == 0.0:
-            out[b:b + block] = 0.0
-            continue
-        if f16_scale:
-            d = amax / np.float32(127.0)
-            inv, d = np.float32(1.0) / d, _round_mantissa(d, 10, -13)
-        else:
-            inv = np.float32(-127.0) / vmax
-            d = np.float32(1.0) / inv
+        d, inv = _q8_scale(x, b, block, f16_scale)
         for i in range(b, b + block):
             out[i] = d * min(np.float32(127.0), np.rint(x[i] * inv))
+
+
+@njit(**HELPER)
+def quantize_q8_0(x, offset, xq, xd, xs, bias):
+    """x f32[n] (n a multiple of 32) as ggml's Q8_0 / Q8_1 blocks, for integer dot products:
+    xq int8 quants, xd f32 block scales (f16-rounded), xs f32 block sums d * sum(q) (Q8_1's s, kept in
+    f32 where ggml rounds it to f16), bias int32 = -offset * each 4-quant sum (offset 8 or 128 turns the unsigned weight bytes of Q4_0 /
+    flipped Q8_0 back into signed values inside dot_u8_i8). The arrays may be longer than n's blocks
+    (padding to whole pairs of blocks): the rest is zeroed."""
+    n_blocks = x.shape[0] // 32
+    for b in range(n_blocks):
+        d, inv = _q8_scale(x, 32 * b, 32, True)
+        total = 0
+        for i in range(32 * b, 32 * b + 32):
+            q = np.int32(min(np.float32(127.0), np.rint(x[i] * inv)))
+            xq[i] = q
+            total += q
+        for g in range(8 * b, 8 * b + 8):
+            bias[g] = -offset * (np.int32(xq[4 * g]) + xq[4 * g + 1] + xq[4 * g + 2] + xq[4 * g + 3])
+        xd[b] = d
+        xs[b] = d * np.float32(total)
+    xq[32 * n_blocks:] = 0
+    xd[n_blocks:] = 0.0
+    xs[n_blocks:] = 0.0
+    bias[8 * n_blocks:] = 0
 
 
 @njit(**SERIAL_KERNEL)

@@ -9,6 +9,10 @@ AVX2 registers or four SSE registers, whatever the host has.
 Operators: ``+ - *`` on F32x16 and ``+ - * & | << >>`` on I32x16 (``>>`` arithmetic), either
 operand may be a scalar (broadcast to all lanes). Loads read raw bytes at any alignment and check no bounds: the caller
 guarantees ``i + 16 * width <= len(a)``.
+
+For integer dot products (8-bit weights and inputs, as ggml takes them) a ``U8x64`` holds 64 bytes:
+two 32-value quant blocks. ``dot_u8_i8`` multiplies two of them into an I32x16 of 4-product sums;
+lanes 0-7 belong to the first block, 8-15 to the second.
 """
 
 import operator
@@ -30,6 +34,7 @@ _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _F32 = ir.FloatType()
 _VF = ir.VectorType(_F32, LANES)
 _VI = ir.VectorType(_I32, LANES)
+_VB = ir.VectorType(_I8, 4 * LANES)
 
 
 class F32x16(types.Type):
@@ -42,8 +47,14 @@ class I32x16(types.Type):
         super().__init__(name="I32x16")
 
 
+class U8x64(types.Type):
+    def __init__(self):
+        super().__init__(name="U8x64")
+
+
 f32x16 = F32x16()
 i32x16 = I32x16()
+u8x64 = U8x64()
 
 
 @register_model(F32x16)
@@ -56,6 +67,12 @@ class _F32x16Model(models.PrimitiveModel):
 class _I32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _VI)
+
+
+@register_model(U8x64)
+class _U8x64Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VB)
 
 
 # ---- helpers emitting IR -----------------------------------------------------------------------
@@ -93,6 +110,17 @@ def _native_half_conversion() -> bool:
 
 
 _NATIVE_HALF = _native_half_conversion()
+
+
+def _has_vnni() -> bool:
+    """Whether the compile target has AVX-512 VNNI (vpdpbusd: 64 byte products summed in one instruction)."""
+    if numba_config.CPU_NAME:
+        return "+avx512vnni" in (numba_config.CPU_FEATURES or "")
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni", False) and features.get("avx512bw", False))
+
+
+_VNNI = _has_vnni()
 
 
 def _half_to_f32(builder, h):
@@ -238,6 +266,102 @@ def hsum(typingctx, v):
                                             "llvm.vector.reduce.fadd.v16f32")
         return builder.call(fn, [_const(_F32, 0.0), args[0]], fastmath=tuple(sorted(FASTMATH)))
     return types.float32(v), codegen
+
+
+# ---- 8-bit integer dot products ----------------------------------------------------------------
+
+def _indices(values):
+    return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
+
+
+@intrinsic
+def load_nibbles(typingctx, a, i, j):
+    """U8x64 of the 4-bit values of two Q4 blocks in value order: the low nibbles of the 16 bytes
+    a[i:i+16], their high nibbles, then the same of a[j:j+16] (a: uint8 1-D)."""
+    if not (_is_array(a, types.uint8) and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        first = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]), _I8, 16)
+        second = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[2], sig.args[2]), _I8, 16)
+        both = builder.shuffle_vector(first, second, _indices(range(32)))
+        low = builder.and_(both, _const(both.type, 15))
+        high = builder.lshr(both, _const(both.type, 4))
+        order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
+        return builder.shuffle_vector(low, high, _indices(order))
+    return u8x64(a, i, j), codegen
+
+
+@intrinsic
+def load_bytes(typingctx, a, i, j):
+    """U8x64 of a[i:i+32] then a[j:j+32] (a: uint8 or int8 1-D; i == j + 32 reads 64 bytes in a row)."""
+    if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype in (types.uint8, types.int8)
+            and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        first = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]), _I8, 32)
+        second = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[2], sig.args[2]), _I8, 32)
+        return builder.shuffle_vector(first, second, _indices(range(64)))
+    return u8x64(a, i, j), codegen
+
+
+@intrinsic
+def flip_sign(typingctx, v):
+    """U8x64 of v xor 0x80: int8 values q as the uint8 q + 128."""
+    if v != u8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.xor(args[0], _const(_VB, 0x80))
+    return u8x64(v), codegen
+
+
+@intrinsic
+def dot_u8_i8(typingctx, acc, u, s):
+    """I32x16: acc[l] + sum over k < 4 of u[4l + k] * s[4l + k], u taken as unsigned bytes and s as
+    signed (exact: no saturation). One vpdpbusd where the target has AVX-512 VNNI; elsewhere
+    widening multiplies that LLVM turns into pmaddwd."""
+    if not (acc == i32x16 and u == u8x64 and s == u8x64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc, u, s = args
+        if _VNNI:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VI, _VI]),
+                                                "llvm.x86.avx512.vpdpbusd.512")
+            return builder.call(fn, [acc, builder.bitcast(u, _VI), builder.bitcast(s, _VI)])
+        wide = ir.VectorType(_I32, 4 * LANES)
+        products = builder.mul(builder.zext(u, wide), builder.sext(s, wide))
+        for k in range(4):
+            acc = builder.add(acc, builder.shuffle_vector(products, products, _indices(range(k, 64, 4))))
+        return acc
+    return i32x16(acc, u, s), codegen
+
+
+@intrinsic
+def load_i32(typingctx, a, i):
+    """I32x16 of a[i:i+16] (a: int32 1-D, i an element index)."""
+    if not (_is_array(a, types.int32) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]),
+                     _I32, LANES)
+    return i32x16(a, i), codegen
+
+
+@intrinsic
+def halves(typingctx, a, b):
+    """F32x16 whose lanes 0-7 are a and 8-15 are b (float32 scalars): one scale per block of a U8x64 dot."""
+    if not (isinstance(a, types.Float) and isinstance(b, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _VF)
+        b = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF)
+        return builder.shuffle_vector(a, b, _indices([*range(8), *range(24, 32)]))
+    return f32x16(a, b), codegen
 
 
 # ---- operators ---------------------------------------------------------------------------------

@@ -9,17 +9,22 @@ kernels are; callers (kernels/__init__.py) check shapes and index ranges.
 from numba import njit, prange
 
 from kernels.config import HELPER, KERNEL
-from kernels.cpu import decode, dot_row, tail_buffers, with_format
+from kernels.cpu import decode, dot_row, dot_row_q8, integer_dot, q8_input, tail_buffers, with_format
 from kernels.simd import LANES, load_f32, store_f32, zeros
 
 
 @njit(**HELPER)
-def _gather_dots(fmt, w, rows, x, out, span):
-    """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi)."""
+def _gather_dots(fmt, w, rows, inputs, out, span):
+    """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi); inputs = (x, q8_input(fmt, x))."""
     lo, hi = span
-    wbuf, xbuf = tail_buffers(x)
-    for k in range(lo, hi):
-        out[k] = dot_row(fmt, w[rows[k]], x, wbuf, xbuf)
+    x, xin = inputs
+    if integer_dot(fmt):
+        for k in range(lo, hi):
+            out[k] = dot_row_q8(fmt, w[rows[k]], xin)
+    else:
+        wbuf, xbuf = tail_buffers(x)
+        for k in range(lo, hi):
+            out[k] = dot_row(fmt, w[rows[k]], x, wbuf, xbuf)
 
 
 @njit(**HELPER)
@@ -39,16 +44,29 @@ def _axpy_groups(fmt, w, rows, coeffs, out, span):
                 store_f32(out, g * LANES, load_f32(out, g * LANES) + decode(fmt, row, g) * c)
 
 
+# the format dispatch outside the prange bodies, as in cpu.py (twice as fast there)
+
+@njit(**HELPER)
+def _gather_chunk(fmt, w, rows, x, xin, out, span):
+    with_format(fmt, _gather_dots, w, rows, (x, xin), out, span)
+
+
+@njit(**HELPER)
+def _axpy_chunk(fmt, w, rows, coeffs, out, span):
+    with_format(fmt, _axpy_groups, w, rows, coeffs, out, span)
+
+
 @njit(**KERNEL)
 def gather_matvec(fmt, w, rows, x, out, n_chunks):
-    """out[k] = W[rows[k]] @ x.
+    """out[k] = W[rows[k]] @ x, each row's dot product as matvec computes it.
 
     fmt: GGML type code; w: uint8[n_out, row_bytes]; rows: int32[n], each in [0, n_out);
     x: float32[n_in]; out: float32[n], written; n_chunks: chunks of rows, one per thread.
     """
     n = rows.shape[0]
+    xin = q8_input(fmt, x)
     for c in prange(n_chunks):
-        with_format(fmt, _gather_dots, w, rows, x, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
+        _gather_chunk(fmt, w, rows, x, xin, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
 
 
 @njit(**KERNEL)
@@ -61,5 +79,4 @@ def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
     """
     n_groups = out.shape[0] // LANES
     for c in prange(n_chunks):
-        with_format(fmt, _axpy_groups, w, rows, coeffs, out,
-                    (c * n_groups // n_chunks, (c + 1) * n_groups // n_chunks))
+        _axpy_chunk(fmt, w, rows, coeffs, out, (c * n_groups // n_chunks, (c + 1) * n_groups // n_chunks))

@@ -35,10 +35,12 @@ def shapes(qtype: Q) -> list[tuple[int, int]]:
 
 
 def assert_dots_close(out, qtype, w, x):
-    """Each output within 1e-5 of its row's sum of |W[r, i] x[i]| (x: one vector or T rows)."""
+    """Each output within 1e-5 of its row's sum of |W[r, i] x[i]| from the reference (x: one vector or
+    T rows, quantised first for the types with integer dot products, as the kernels do)."""
+    x = np.atleast_2d(x)
     W = reference.dequantize(qtype, w).astype(np.float64)
-    scale = np.abs(np.atleast_2d(x).astype(np.float64)) @ np.abs(W).T  # [T, n_out]
-    ref = np.atleast_2d(x).astype(np.float64) @ W.T
+    scale = np.abs(x.astype(np.float64)) @ np.abs(W).T  # [T, n_out]
+    ref = reference.matmul(qtype, w, x)
     err = np.abs(np.atleast_2d(out) - ref)
     assert (err <= 1e-5 * scale + 1e-30).all(), f"max relative error {(err / (scale + 1e-30)).max():.2e}"
 
@@ -139,6 +141,39 @@ def test_half_to_float_every_bit_pattern(monkeypatch, native):
         nan = np.isnan(expected)
         assert np.array_equal(np.isnan(got), nan)
         assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_byte_dot_products_exact(monkeypatch, vnni):
+    """dot_u8_i8 (vpdpbusd, or the portable widening multiplies) sums unsigned x signed byte products
+    exactly, extremes included; load_nibbles puts two Q4 blocks' values in order."""
+    monkeypatch.setattr(simd, "_VNNI", vnni)
+
+    @numba.njit  # compiled now, under the patched setting; not cached
+    def dots(u, s, acc, out):
+        for i in range(0, u.shape[0], 64):
+            out_vec = simd.dot_u8_i8(simd.load_i32(acc, i // 4), simd.load_bytes(u, i, i + 32),
+                                     simd.load_bytes(s, i, i + 32))
+            simd.store_f32(out, i // 4, simd.to_f32(out_vec))
+
+    @numba.njit
+    def nibbles(a, i, j, out):
+        v = simd.load_nibbles(a, i, j)
+        simd.store_f32(out, 0, simd.to_f32(simd.dot_u8_i8(simd.load_i32(np.zeros(16, np.int32), 0), v,
+                                                         simd.load_bytes(np.ones(64, np.int8), 0, 32))))
+
+    u = np.concatenate([np.full(64, 255, np.uint8), rng.integers(0, 256, 192, dtype=np.uint8)])
+    s = np.concatenate([np.full(64, -128, np.int8), rng.integers(-128, 128, 192, dtype=np.int8)])
+    acc = rng.integers(-1000, 1000, 64, dtype=np.int32)
+    out = np.empty(64, np.float32)
+    dots(u, s, acc, out)
+    expected = acc + (u.astype(np.int64) * s).reshape(64, 4).sum(axis=1)
+    assert np.array_equal(out, expected.astype(np.float32))
+
+    raw = rng.integers(0, 256, 40, dtype=np.uint8)
+    nibbles(raw, 2, 21, out[:16])
+    values = np.concatenate([raw[2:18] & 15, raw[2:18] >> 4, raw[21:37] & 15, raw[21:37] >> 4])
+    assert np.array_equal(out[:16], values.reshape(16, 4).sum(axis=1).astype(np.float32))
 
 
 def test_bad_input_raises_value_error():
