@@ -74,6 +74,15 @@ class _Cursor:
         return self.unpack(_SCALARS[vtype])
 
 
+def _map_whole(fileno: int) -> mmap.mmap:
+    """The file mapped read-only, every page mapped now where the OS can (Linux MAP_POPULATE, as
+    llama.cpp maps models) rather than faulted in on first use: sparse decoding reads rows in
+    random order, and first-touch faults made its first tokens' gathers several times slower."""
+    if hasattr(mmap, "MAP_POPULATE"):
+        return mmap.mmap(fileno, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return mmap.mmap(fileno, 0, access=mmap.ACCESS_READ)
+
+
 class GGUFFile:
     """An open GGUF file: ``metadata`` (key -> value) and ``tensors`` (name -> TensorInfo)."""
 
@@ -84,7 +93,7 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
                 raise HybridInferError(f"'{self.path}' is not a GGUF file (its first bytes are not 'GGUF')")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map = _map_whole(f.fileno())
         cur = _Cursor(self._map, self.path)
         cur.pos = 4
         version, n_tensors, n_kv = cur.unpack("<IQQ")
