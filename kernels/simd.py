@@ -340,6 +340,23 @@ def dot_u8_i8(typingctx, acc, u, s):
 
 
 @intrinsic
+def prefetch(typingctx, a, i):
+    """Ask for the cache line holding byte a[i] (a: uint8 1-D) ahead of its use; a hint, which cannot
+    fault, so i may lie past the end."""
+    if not (_is_array(a, types.uint8) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [data.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(fn, [ptr, _const(_I32, 0), _const(_I32, 1), _const(_I32, 1)])  # read, to L2 (prefetcht2), data
+        return context.get_dummy_value()
+    return types.none(a, i), codegen
+
+
+@intrinsic
 def load_i32(typingctx, a, i):
     """I32x16 of a[i:i+16] (a: int32 1-D, i an element index)."""
     if not (_is_array(a, types.int32) and isinstance(i, types.Integer)):
