@@ -1,8 +1,10 @@
 """Make a ProSparse-7B-shaped llama GGUF with made-up Q4_0 weights, and a made-up predictor for it.
 
 32 layers, n_embd 4096, n_ff 11008, 32 heads, vocabulary 32000, ReLU FFN; about 3.8 GB. The
-predictor (rank 1024) has random weights and per-layer thresholds set, on a few tokens run through
-the model, at the quantile that leaves --active of the neurons active. Honest for speed, meaningless
+predictor (rank 1024) has random weights and per-layer thresholds set, on 16 random tokens decoded
+one at a time as bench's tg does, at the quantile that leaves --active of the neurons active; the
+residual stream of predicted decoding differs from dense decoding's, so the thresholds are set again
+on predicted decoding with the previous ones, three times. Honest for speed, meaningless
 for text: use it only to compare decoding speed with llama.cpp on the same file.
 
     python tools/make_synthetic_7b.py -o /tmp/synth7b.gguf
@@ -17,9 +19,10 @@ from bench_ffn import random_matrix
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from hybridinfer.gguf_file import GGUFFile
+from hybridinfer.ffn import make_ffn
 from hybridinfer.loader import ModelArgs, load_weights
 from hybridinfer.model import Transformer
-from predictors import PredictorWeights, fingerprint, save
+from predictors import PredictorSet, PredictorWeights, fingerprint, save
 
 Q4_0 = GGMLQuantizationType.Q4_0
 SCALE = 0.002  # every block's scale: keeps activations finite over 32 layers
@@ -65,36 +68,45 @@ def write_model(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n
 
 
 class _Recorder:
-    """A dense FFN that keeps each layer's predictor input (the residual stream before ffn_norm)."""
+    """An FFN that keeps each layer's predictor input (the residual stream before ffn_norm)."""
 
-    def __init__(self, dense, n_layer: int):
-        self.dense, self.inputs = dense, [[] for _ in range(n_layer)]
+    def __init__(self, ffn, n_layer: int):
+        self.ffn, self.inputs = ffn, [[] for _ in range(n_layer)]
 
     def __call__(self, layer, blk, resid, xn, out):
         self.inputs[layer].append(resid.copy())
-        self.dense(layer, blk, resid, xn, out)
+        self.ffn(layer, blk, resid, xn, out)
 
 
-def write_predictor(model_path: Path, out: Path, rank: int, active: float, n_tokens: int, seed: int) -> None:
+def write_predictor(model_path: Path, out: Path, rank: int, active: float, n_tokens: int, seed: int,
+                    rounds: int = 3) -> None:
     gguf = GGUFFile(model_path)
     args = ModelArgs.from_metadata(gguf.metadata)
-    model = Transformer(args, load_weights(gguf, args), n_tokens)
-    recorder = _Recorder(model.ffn, args.n_layer)
-    model.ffn = recorder
+    weights = load_weights(gguf, args)
     rng = np.random.default_rng(seed)
-    model.forward(rng.integers(3, args.n_vocab, n_tokens), 0)
+    tokens = rng.integers(3, args.n_vocab, n_tokens)
     fc1 = [(rng.standard_normal((rank, args.n_embd)) / np.sqrt(args.n_embd)).astype(np.float16)
            for _ in range(args.n_layer)]
     fc2 = [(rng.standard_normal((args.n_ff, rank)) / np.sqrt(rank)).astype(np.float16) for _ in range(args.n_layer)]
-    thresholds = []
-    for i in range(args.n_layer):
-        x = np.concatenate(recorder.inputs[i])
-        logits = np.maximum(x @ fc1[i].T.astype(np.float32), 0) @ fc2[i].T.astype(np.float32)
-        thresholds.append(float(np.quantile(logits, 1 - active)))
+    thresholds = None
+    for _ in range(rounds + 1):
+        if thresholds is None:  # first round: dense decoding
+            ffn = make_ffn("off", args, weights.blk, 1)
+        else:
+            ffn = make_ffn("predicted", args, weights.blk, 1, PredictorSet.from_arrays(fc1, fc2, thresholds))
+        recorder = _Recorder(ffn, args.n_layer)
+        model = Transformer(args, weights, n_tokens, recorder)
+        for pos, token in enumerate(tokens):
+            model.forward(np.array([token]), pos)
+        thresholds = []
+        for i in range(args.n_layer):
+            x = np.concatenate(recorder.inputs[i])
+            logits = np.maximum(x @ fc1[i].T.astype(np.float32), 0) @ fc2[i].T.astype(np.float32)
+            thresholds.append(float(np.quantile(logits, 1 - active)))
     fp = fingerprint("llama", args.n_layer, args.n_embd, args.n_ff, {n: t.shape for n, t in gguf.tensors.items()})
     save(out, PredictorWeights(fc1, fc2, thresholds, fp,
                                {"training": {"what": f"made-up: random weights, thresholds for {active:.0%} active "
-                                                     f"on {n_tokens} random tokens; speed only"}}))
+                                                     f"on {n_tokens} random tokens decoded; speed only"}}))
 
 
 def main() -> None:
@@ -106,7 +118,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     write_model(a.output, a.layers, 4096, 11008, 32, 32000, a.seed)
-    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, a.active, 8, a.seed)
+    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, a.active, 16, a.seed + 1)
     print(a.output, a.output.with_suffix(".predictor"))
 
 
