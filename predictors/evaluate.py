@@ -25,7 +25,7 @@ from hybridinfer.tokenizer import Tokenizer
 from hybridinfer.ffn import active_mask
 from hybridinfer.loader import model_fingerprint
 from predictors.format import PredictorError
-from predictors.mlp import PredictorSet
+from predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES, PredictorSet
 from predictors.stats import SparsityStats
 
 
@@ -53,8 +53,10 @@ class MaskedFFN:
         self.stats.add(layer, true, pred)
 
 
-def evaluate(model_path: Path, predictor_dir: Path, text_path: Path, n_ctx: int, n_chunks: int = -1) -> dict:
-    """Dense and predicted perplexity of text_path, and the predicted run's sparsity table."""
+def evaluate(model_path: Path, predictor_dir: Path, text_path: Path, n_ctx: int, n_chunks: int = -1,
+             qtype: str = DEFAULT_QTYPE) -> dict:
+    """Dense and predicted perplexity of text_path, and the predicted run's sparsity table, the predictor
+    run with its weights as qtype (PREDICTOR_QTYPES)."""
     gguf, model = load_model(model_path, n_ctx)
     tok = Tokenizer.from_metadata(gguf.metadata)
     tokens = tok.encode(text_path.read_text(encoding="utf-8").removesuffix("\n"), add_special=True)
@@ -62,7 +64,7 @@ def evaluate(model_path: Path, predictor_dir: Path, text_path: Path, n_ctx: int,
     t = time.perf_counter()
     dense = perplexity(model, tokens, bos, n_chunks)
     dense_s = time.perf_counter() - t
-    predictors = PredictorSet.load(predictor_dir, model_fingerprint(gguf, model.args), n_batch=model.n_batch)
+    predictors = PredictorSet.load(predictor_dir, model_fingerprint(gguf, model.args), qtype, n_batch=model.n_batch)
     inner, model.ffn = model.ffn, MaskedFFN(model.args, predictors, model.n_batch)
     masked = model.ffn
     t = time.perf_counter()
@@ -81,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-f", "--file", type=Path, required=True, help="text to score (not the training text)")
     p.add_argument("-c", "--ctx-size", type=int, default=256)
     p.add_argument("--chunks", type=int, default=-1)
+    p.add_argument("--predictor-type", choices=list(PREDICTOR_QTYPES), default=DEFAULT_QTYPE)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        r = evaluate(args.model, args.predictor, args.file, args.ctx_size, args.chunks)
+        r = evaluate(args.model, args.predictor, args.file, args.ctx_size, args.chunks, args.predictor_type)
     except (HybridInferError, PredictorError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

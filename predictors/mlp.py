@@ -1,8 +1,8 @@
 """The runtime predictor: per layer logits = fc2 @ relu(fc1 @ x), a neuron active when logit >= threshold.
 
 NumPy and the project's kernels only (no torch, nothing from the engine). The weights run through
-kernels.matvec / kernels.matmul as F16, as stored, or as Q8_0 quantised at load (half the bytes
-read per token; see PREDICTOR_QTYPES). Scratch buffers are allocated once: the decode call,
+kernels.matvec / kernels.matmul as F16, as stored, or quantised at load to Q8_0 (half the bytes
+read per token) or Q4_0 (about a quarter; see PREDICTOR_QTYPES). Scratch buffers are allocated once: the decode call,
 active_indices, allocates only its result.
 """
 
@@ -16,10 +16,10 @@ import kernels
 from kernels.config import SERIAL_KERNEL
 from predictors.format import Fingerprint, PredictorError, PredictorWeights, load
 
-F16, Q8_0 = GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0
-PREDICTOR_QTYPES = {"f16": F16, "q8_0": Q8_0}
+F16, Q8_0, Q4_0 = GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
+PREDICTOR_QTYPES = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 DEFAULT_QTYPE = "f16"
-_Q8_BLOCK = 32
+_BLOCK = 32  # values per Q8_0 / Q4_0 block
 
 
 @njit(**SERIAL_KERNEL)
@@ -53,9 +53,9 @@ class _Layer:
 
 
 def _operand(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[GGMLQuantizationType, np.ndarray]:
-    # Q8_0 needs rows in whole 32-value blocks; other rows stay F16
-    if qtype == Q8_0 and w.shape[1] % _Q8_BLOCK == 0:
-        qtype, blocks = Q8_0, np.ascontiguousarray(quants.quantize(w.astype(np.float32), Q8_0))
+    # Q8_0 and Q4_0 need rows in whole 32-value blocks; other rows stay F16
+    if qtype != F16 and w.shape[1] % _BLOCK == 0:
+        blocks = np.ascontiguousarray(quants.quantize(w.astype(np.float32), qtype))
     else:
         w16 = np.array(w, np.float16, order="C")  # a copy: the caller's arrays stay theirs
         qtype, blocks = F16, w16.view(np.uint8).reshape(w16.shape[0], -1)

@@ -244,7 +244,7 @@ def test_active_indices_equal_predict_mask(qtype):
             assert idx.dtype == np.int32 and np.array_equal(idx, np.flatnonzero(mask[t]))
 
 
-@pytest.mark.parametrize("qtype, tol", [("f16", 1e-3), ("q8_0", 0.05)])
+@pytest.mark.parametrize("qtype, tol", [("f16", 1e-3), ("q8_0", 0.05), ("q4_0", 0.25)])
 def test_logits_match_numpy(qtype, tol):
     w = _weights(ranks=(32, 64, 96))
     p = PredictorSet(w, qtype=qtype)
@@ -252,14 +252,16 @@ def test_logits_match_numpy(qtype, tol):
     for layer in range(N_LAYER):
         ref = np.maximum(x @ w.fc1[layer].astype(np.float32).T, 0) @ w.fc2[layer].astype(np.float32).T
         np.testing.assert_allclose(p.logits(layer, x), ref, atol=tol * np.abs(ref).max())
-    # Q8_0 needs rank in whole blocks of 32; other matrices stay F16
-    assert {q.name for L in p.layers for q, _ in (L.fc1, L.fc2)} == ({"F16"} if qtype == "f16" else {"Q8_0"})
+    # Q8_0 / Q4_0 need rank in whole blocks of 32; other matrices stay F16
+    assert {q.name for L in p.layers for q, _ in (L.fc1, L.fc2)} == {qtype.upper()}
 
 
-def test_q8_0_keeps_odd_ranks_f16():
-    p = PredictorSet(_weights(ranks=(16, 16, 16)), qtype="q8_0")
-    assert p.layers[0].fc1[0] == GGMLQuantizationType.Q8_0 and p.layers[0].fc2[0] == GGMLQuantizationType.F16
-    _one_line_error(lambda: PredictorSet(_weights(), qtype="q4_0"), "q4_0")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_quantised_predictor_keeps_odd_ranks_f16(qtype):
+    p = PredictorSet(_weights(ranks=(16, 16, 16)), qtype=qtype)
+    assert p.layers[0].fc1[0] == GGMLQuantizationType[qtype.upper()]
+    assert p.layers[0].fc2[0] == GGMLQuantizationType.F16
+    _one_line_error(lambda: PredictorSet(_weights(), qtype="q5_0"), "q5_0")
 
 
 @pytest.mark.parametrize("logits, threshold", [

@@ -20,6 +20,7 @@ import kernels
 from hybridinfer.ffn import make_ffn
 from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs
 from predictors import PredictorSet
+from predictors.mlp import PREDICTOR_QTYPES
 
 
 def random_matrix(rng, qtype: GGMLQuantizationType, n_in: int, n_out: int, scale: float = 0.01) -> Matrix:
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--type", default="Q4_0", choices=["Q4_0", "Q4_1", "Q8_0", "F16"])
     p.add_argument("--active", type=float, default=0.11, help="share of neurons predicted active")
     p.add_argument("--rank", type=int, default=1024, help="predictor rank")
-    p.add_argument("--predictor-type", default="q8_0", choices=["f16", "q8_0"])
+    p.add_argument("--predictor-type", default="q8_0", choices=list(PREDICTOR_QTYPES))
     p.add_argument("--layers", type=int, default=4, help="distinct layers cycled, so weights stream")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-r", "--repetitions", type=int, default=30)

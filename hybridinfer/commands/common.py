@@ -69,8 +69,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
     parser.add_argument("--predictor", type=Path, metavar="DIR",
                         help="predictor directory (ours or PowerInfer's); the default model uses its own")
     parser.add_argument("--predictor-type", choices=list(PREDICTOR_QTYPES), default=DEFAULT_QTYPE,
-                        help=f"predictor weights at run time: as stored (f16) or quantised to q8_0 at load, "
-                             f"half the bytes (default: {DEFAULT_QTYPE})")
+                        help=f"predictor weights at run time: as stored (f16) or quantised at load to q8_0 "
+                             f"(half the bytes) or q4_0 (about a quarter) (default: {DEFAULT_QTYPE})")
 
 
 @dataclass
