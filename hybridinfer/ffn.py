@@ -14,7 +14,7 @@ import numpy as np
 import kernels
 from predictors import PredictorSet, SparsityStats
 from hybridinfer.errors import HybridInferError
-from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, neuron_major
+from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, interleaved_rows, neuron_major
 from kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
 
 ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
@@ -86,16 +86,20 @@ class ExactSparseFFN(DenseFFN):
 
 class PredictedFFN(DenseFFN):
     """The predictor picks the neurons; gate and up over those rows only, down over the neurons whose
-    activation is non-zero, from a neuron-major copy of ffn_down made at load."""
+    activation is non-zero. Decoding reads copies made at load: gate and up rows interleaved (one
+    gather reads each neuron's two rows in one piece) and ffn_down neuron-major."""
 
     def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
                  stats: SparsityStats | None = None):
         super().__init__(args, n_batch)
         self.predictor, self.stats = predictor, stats
         self.predictor_s = 0.0  # time in the predictor, measured with --stats only
+        self.gate_up: list[Matrix] = [interleaved_rows(blk.ffn_gate, blk.ffn_up) for blk in blocks]
         self.down_t: list[Matrix] = [neuron_major(blk.ffn_down) for blk in blocks]  # [n_ff, n_embd] each
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.idx = np.zeros(args.n_ff, np.int32)
+        self.rows2 = np.zeros(2 * args.n_ff, np.int32)  # decode scratch: gate_up rows 2i, 2i + 1
+        self.gu = np.zeros(2 * args.n_ff, np.float32)
 
     def _predict_timed(self, fn, *args):
         start = time.perf_counter()
@@ -117,10 +121,13 @@ class PredictedFFN(DenseFFN):
             predicted[0, idx] = True
             self.stats.add(layer, self.mask[:1], predicted)
         n = len(idx)
-        g, u = self.gate[:1, :n], self.up[:1, :n]
-        blk.ffn_gate.gather(idx, xn, g[0])
-        blk.ffn_up.gather(idx, xn, u[0])
-        activate(self.act, g, u)
+        rows2, gu = self.rows2[:2 * n], self.gu[:2 * n]
+        np.multiply(idx, 2, out=rows2[0::2])
+        np.add(rows2[0::2], 1, out=rows2[1::2])
+        self.gate_up[layer].gather(rows2, xn, gu)
+        g = self.gate[:1, :n]
+        g[0] = gu[0::2]
+        activate(self.act, g, gu[None, 1::2])
         down = self.down_t[layer]
         kernels.sparse_axpy(down.qtype, down.data, idx, g[0], out[0])
 

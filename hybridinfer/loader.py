@@ -219,6 +219,21 @@ REQUANTIZABLE = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, G
                            GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
 
 
+def interleaved_rows(gate: Matrix, up: Matrix) -> Matrix:
+    """gate and up as one matrix [2 * n_ff, n_embd], neuron i's gate row at 2i and its up row at 2i + 1,
+    so that an active neuron's two rows are one contiguous read in decode's gather. Up is
+    re-quantised into gate's type where the two differ (gate's type if gguf can write it, else Q8_0)."""
+    qtype = gate.qtype if gate.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+    parts = []
+    for m in (gate, up):
+        if m.qtype == qtype:
+            parts.append(m.data)
+        else:
+            values = dequantize(m.data, m.qtype).reshape(m.n_out, m.n_in)
+            parts.append(quantize(values, qtype).view(np.uint8).reshape(m.n_out, -1))
+    return Matrix(qtype, np.stack(parts, axis=1).reshape(2 * gate.n_out, -1), gate.n_in, 2 * gate.n_out)
+
+
 def neuron_major(down: Matrix) -> Matrix:
     """ffn_down [n_embd, n_ff] rearranged as [n_ff, n_embd], each neuron's down column one contiguous
     row of blocks, for the sparse axpy. Float types move exactly; quantised types are re-quantised

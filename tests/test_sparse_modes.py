@@ -68,3 +68,29 @@ def test_predicted_decode_and_batch_agree_and_count(relu_f32):
     assert 0.3 < stats_decode.overall()["predicted_sparsity"] < 0.7  # about half the logits are >= 0
     dense = decode_logits(build(relu_f32, "off"), TOKENS)
     assert np.abs(stepped - dense).max() > 1e-3  # skipping neurons changed the result
+
+
+@pytest.mark.parametrize("gate_type, up_type, expected", [(Q.Q4_0, Q.Q4_0, Q.Q4_0), (Q.Q8_0, Q.F16, Q.Q8_0),
+                                                          (Q.Q6_K, Q.Q6_K, Q.Q8_0)])
+def test_interleaved_gate_up_rows(gate_type, up_type, expected):
+    """Decode's gate/up copy: neuron i's gate row at 2i, its up row at 2i + 1, in one type."""
+    from gguf import dequantize, quantize
+    from hybridinfer.loader import Matrix, interleaved_rows
+
+    rng = np.random.default_rng(0)
+
+    def matrix(qtype):
+        if qtype == Q.Q6_K:  # gguf cannot quantise Q6_K: random blocks with a sane f16 scale d
+            blocks = rng.integers(0, 256, (40, 210), dtype=np.uint8)
+            blocks[:, 208:] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+            return Matrix(qtype, blocks, 256, 40)
+        values = rng.standard_normal((40, 256)).astype(np.float32)
+        return Matrix(qtype, quantize(values, qtype).view(np.uint8).reshape(40, -1), 256, 40)
+
+    gate, up = matrix(gate_type), matrix(up_type)
+    both = interleaved_rows(gate, up)
+    assert (both.qtype, both.n_in, both.n_out) == (expected, 256, 80)
+    got = dequantize(both.data, both.qtype).reshape(80, 256)
+    for m, rows in ((gate, got[0::2]), (up, got[1::2])):
+        original = dequantize(m.data, m.qtype).reshape(40, 256)
+        np.testing.assert_allclose(rows, original, atol=0.02 * np.abs(original).max())
