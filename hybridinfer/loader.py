@@ -7,6 +7,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 
 import kernels
+from kernels import quant
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile, TensorInfo
 from kernels.ops import DOT_ROUNDING, ROUND_NONE, ROUND_Q8_0, round_for_dot
@@ -219,18 +220,26 @@ REQUANTIZABLE = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, G
                            GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
 
 
+def _values(m: Matrix) -> np.ndarray:
+    """m's values, f32 [n_out, n_in], dequantised by the kernels."""
+    out = np.empty((m.n_out, m.n_in), np.float32)
+    kernels.get_rows(m.qtype, m.data, np.arange(m.n_out), out)
+    return out
+
+
+def _blocks(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """values f32 [n, k] (any strides) as uint8 rows of qtype blocks, byte for byte as gguf writes them."""
+    if qtype in quant.TYPES:
+        return quant.quantize(values, qtype)
+    return quantize(np.ascontiguousarray(values), qtype).view(np.uint8).reshape(values.shape[0], -1)
+
+
 def interleaved_rows(gate: Matrix, up: Matrix) -> Matrix:
     """gate and up as one matrix [2 * n_ff, n_embd], neuron i's gate row at 2i and its up row at 2i + 1,
     so that an active neuron's two rows are one contiguous read in decode's gather. Up is
     re-quantised into gate's type where the two differ (gate's type if gguf can write it, else Q8_0)."""
     qtype = gate.qtype if gate.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
-    parts = []
-    for m in (gate, up):
-        if m.qtype == qtype:
-            parts.append(m.data)
-        else:
-            values = dequantize(m.data, m.qtype).reshape(m.n_out, m.n_in)
-            parts.append(quantize(values, qtype).view(np.uint8).reshape(m.n_out, -1))
+    parts = [m.data if m.qtype == qtype else _blocks(_values(m), qtype) for m in (gate, up)]
     return Matrix(qtype, np.stack(parts, axis=1).reshape(2 * gate.n_out, -1), gate.n_in, 2 * gate.n_out)
 
 
@@ -242,6 +251,4 @@ def neuron_major(down: Matrix) -> Matrix:
     qtype = down.qtype if down.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
     if down.n_out % GGML_QUANT_SIZES[qtype][0]:
         qtype = GGMLQuantizationType.F16
-    columns = np.ascontiguousarray(dequantize(down.data, down.qtype).reshape(down.n_out, down.n_in).T)
-    data = quantize(columns, qtype)
-    return Matrix(qtype, data.view(np.uint8).reshape(down.n_in, -1), down.n_out, down.n_in)
+    return Matrix(qtype, _blocks(_values(down).T, qtype), down.n_out, down.n_in)

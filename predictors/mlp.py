@@ -9,10 +9,11 @@ active_indices, allocates only its result.
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType
 from numba import njit
 
 import kernels
+from kernels import quant
 from kernels.config import SERIAL_KERNEL
 from predictors.format import Fingerprint, PredictorError, PredictorWeights, load
 
@@ -55,7 +56,7 @@ class _Layer:
 def _operand(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[GGMLQuantizationType, np.ndarray]:
     # Q8_0 and Q4_0 need rows in whole 32-value blocks; other rows stay F16
     if qtype != F16 and w.shape[1] % _BLOCK == 0:
-        blocks = np.ascontiguousarray(quants.quantize(w.astype(np.float32), qtype))
+        blocks = quant.quantize(w.astype(np.float32), qtype)
     else:
         w16 = np.array(w, np.float16, order="C")  # a copy: the caller's arrays stay theirs
         qtype, blocks = F16, w16.view(np.uint8).reshape(w16.shape[0], -1)

@@ -211,3 +211,21 @@ def test_bad_input_raises_value_error():
         except ValueError:
             continue
         pytest.fail(f"no ValueError for {name}")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_quantize_equals_gguf_byte_for_byte(qtype):
+    """kernels.quant.quantize against the gguf package on random rows, a zero block, equal values,
+    values on rounding ties, tiny and huge scales, and a transposed (strided) input."""
+    from kernels import quant
+
+    values = rng.standard_normal((40, 96)).astype(np.float32)
+    values[0] = 0.0
+    values[1, :32] = 0.5
+    values[2] = np.round(values[2] * 4) / 4
+    values[3, :32] = np.arange(32) - 16.0
+    values[4] *= 1e-6
+    values[5] *= 1e4
+    for v in (values, np.ascontiguousarray(values[:, :64].T).T, values.T.copy().T):
+        expected = quantize(np.ascontiguousarray(v), qtype).view(np.uint8).reshape(len(v), -1)
+        assert np.array_equal(quant.quantize(v, qtype), expected)
