@@ -100,6 +100,12 @@ class PredictedFFN(DenseFFN):
         self.idx = np.zeros(args.n_ff, np.int32)
         self.rows2 = np.zeros(2 * args.n_ff, np.int32)  # decode scratch: gate_up rows 2i, 2i + 1
         self.gu = np.zeros(2 * args.n_ff, np.float32)
+        self.decoded = [0, 0]  # neurons computed, neurons there were: over all decode steps and layers
+
+    @property
+    def active_share(self) -> float | None:
+        """The share of FFN neurons the predictor picked over all decode steps so far (None before any)."""
+        return self.decoded[0] / self.decoded[1] if self.decoded[1] else None
 
     def _predict_timed(self, fn, *args):
         start = time.perf_counter()
@@ -121,6 +127,8 @@ class PredictedFFN(DenseFFN):
             predicted[0, idx] = True
             self.stats.add(layer, self.mask[:1], predicted)
         n = len(idx)
+        self.decoded[0] += n
+        self.decoded[1] += len(self.idx)
         rows2, gu = self.rows2[:2 * n], self.gu[:2 * n]
         np.multiply(idx, 2, out=rows2[0::2])
         np.add(rows2[0::2], 1, out=rows2[1::2])

@@ -60,6 +60,17 @@ def test_bench_table(tiny_q8):
     assert "| pp16 |" in result.stdout and "| tg4 |" in result.stdout
 
 
+def test_bench_reports_the_predicted_share(tiny_q8):
+    """Predicted mode's speed comes with the share of neurons it computed; other modes have none."""
+    result = cli("bench", "-p", "0", "-n", "4", "-r", "1", "--json")  # the default model: its predictor
+    assert result.returncode == 0, result.stderr
+    assert 0.0 < json.loads(result.stdout)["predicted_active_share"] < 1.0
+    result = cli("bench", "-p", "0", "-n", "4", "-r", "1")
+    assert "% of FFN neurons active" in result.stderr
+    result = cli("bench", str(tiny_q8), "-p", "0", "-n", "4", "-r", "1", "--sparse", "exact")
+    assert result.returncode == 0 and "neurons active" not in result.stderr
+
+
 def test_chat_without_template_is_refused(tiny_q8):
     assert_one_line_error(cli("run", str(tiny_q8), "--chat", "-n", "1"), "chat_template")
 

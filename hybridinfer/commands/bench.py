@@ -6,6 +6,7 @@ tests run on llama.cpp (llama-cpp-python, same file, same threads) in the same r
 
 import argparse
 import json
+import sys
 
 from hybridinfer.bench import bench_hybridinfer, bench_llamacpp
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
@@ -28,11 +29,13 @@ def main(args: argparse.Namespace) -> int:
         baseline = {r.test: r for r in bench_llamacpp(s.gguf.path, args.n_prompt, args.n_gen, args.repetitions,
                                                        args.threads)}
     rows = [(r, r.median / baseline[r.test].median if r.test in baseline else None) for r in results]
+    share = getattr(s.model.ffn, "active_share", None)  # predicted mode: what the speed was measured at
     if args.json:
         print(json.dumps({"model": s.gguf.path.name, "threads": args.threads, "results": [
             {"engine": r.engine, "test": r.test, "tokens_per_s": r.median, "runs": r.tokens_per_s}
             for r in [*results, *baseline.values()]],
-            "ratio_vs_llamacpp": {r.test: ratio for r, ratio in rows if ratio is not None}}))
+            "ratio_vs_llamacpp": {r.test: ratio for r, ratio in rows if ratio is not None},
+            "predicted_active_share": share}))
         return 0
     size_mib = s.gguf.path.stat().st_size / 2**20
     print(f"| model | size | engine | threads | test | t/s |{' vs llama.cpp |' if baseline else ''}")
@@ -41,4 +44,7 @@ def main(args: argparse.Namespace) -> int:
         extra = (f" {ratio:.2f}x |" if ratio is not None else " |") if baseline else ""
         print(f"| {s.gguf.path.name} | {size_mib:.1f} MiB | {r.engine} | {args.threads} | {r.test} | "
               f"{r.median:.2f} ± {r.stdev:.2f} |{extra}")
+    if share is not None:
+        print(f"predicted mode: the predictor kept {100 * share:.1f}% of FFN neurons active over the tg steps",
+              file=sys.stderr)
     return 0
