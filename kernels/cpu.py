@@ -225,18 +225,23 @@ def dot_row_q8(fmt, row, xin):
     return hsum(acc) + m_sum
 
 
+@njit(inline="always", **HELPER)
+def row_dot(fmt, row, x, xin, wbuf, xbuf):
+    """dot(row, x) as every mat-vec of the kernels takes it: integer dot products with xin =
+    q8_input(fmt, x) for Q4_0, Q4_1 and Q8_0, else floats (wbuf, xbuf = tail_buffers(x))."""
+    if integer_dot(fmt):
+        return dot_row_q8(fmt, row, xin)
+    return dot_row(fmt, row, x, wbuf, xbuf)
+
+
 @njit(**HELPER)
 def _dot_rows(fmt, w, x, xin, out, span):
     """out[r] = dot(W[r], x) for r in span = (lo, hi); w uint8[n_out, row_bytes], x f32[n_in] and
     xin = q8_input(fmt, x), out f32[n_out]."""
     lo, hi = span
-    if integer_dot(fmt):
-        for r in range(lo, hi):
-            out[r] = dot_row_q8(fmt, w[r], xin)
-    else:
-        wbuf, xbuf = tail_buffers(x)
-        for r in range(lo, hi):
-            out[r] = dot_row(fmt, w[r], x, wbuf, xbuf)
+    wbuf, xbuf = tail_buffers(x)
+    for r in range(lo, hi):
+        out[r] = row_dot(fmt, w[r], x, xin, wbuf, xbuf)
 
 
 @njit(**HELPER)

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels.config import HELPER, KERNEL
-from kernels.cpu import decode, dot_row, dot_row_q8, integer_dot, q8_input, tail_buffers, with_format
+from kernels.cpu import decode, q8_input, row_dot, tail_buffers, with_format
 from kernels.simd import LANES, load_f32, prefetch, store_f32, zeros
 
 
@@ -27,15 +27,10 @@ def _gather_dots(fmt, w, rows, inputs, out, span):
     """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi); inputs = (x, q8_input(fmt, x))."""
     lo, hi = span
     x, xin = inputs
-    if integer_dot(fmt):
-        for k in range(lo, hi):
-            _prefetch_bytes(w[rows[min(k + 1, hi - 1)]], 0, w.shape[1])
-            out[k] = dot_row_q8(fmt, w[rows[k]], xin)
-    else:
-        wbuf, xbuf = tail_buffers(x)
-        for k in range(lo, hi):
-            _prefetch_bytes(w[rows[min(k + 1, hi - 1)]], 0, w.shape[1])
-            out[k] = dot_row(fmt, w[rows[k]], x, wbuf, xbuf)
+    wbuf, xbuf = tail_buffers(x)
+    for k in range(lo, hi):
+        _prefetch_bytes(w[rows[min(k + 1, hi - 1)]], 0, w.shape[1])
+        out[k] = row_dot(fmt, w[rows[k]], x, xin, wbuf, xbuf)
 
 
 @njit(**HELPER)
