@@ -10,8 +10,8 @@ import numpy as np
 from numba import njit, prange
 
 from kernels.config import HELPER, KERNEL
-from kernels.cpu import decode, q8_input, row_dot, tail_buffers, with_format
-from kernels.simd import LANES, load_f32, prefetch, store_f32, zeros
+from kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, q8_input, row_dot, tail_buffers, with_format
+from kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
 
 
 @njit(**HELPER)
@@ -33,23 +33,49 @@ def _gather_dots(fmt, w, rows, inputs, out, span):
         out[k] = row_dot(fmt, w[rows[k]], x, xin, wbuf, xbuf)
 
 
+@njit(inline="always", **HELPER)
+def _scaled_pair(fmt, row, p):
+    """Values [32p, 32p+32) of a row of type fmt as (lo, hi, d, m), the values being q * d + m for
+    q the F32x16 lo (first 16) and hi: the codes and the block's scale and offset for Q4_0, Q4_1
+    and Q8_0, so that scaling by a coefficient multiplies two scalars instead of 32 lanes; the
+    values themselves with d = 1, m = 0 for other formats."""
+    if fmt == _Q4_0:
+        o = p * 18
+        q = load_u8(row, o + 2)
+        d = load_f16(row, o)
+        return to_f32(q & 15), to_f32(q >> 4), d, np.float32(-8.0) * d
+    elif fmt == _Q4_1:
+        o = p * 20
+        q = load_u8(row, o + 4)
+        return to_f32(q & 15), to_f32(q >> 4), load_f16(row, o), load_f16(row, o + 2)
+    elif fmt == _Q8_0:
+        o = p * 34
+        return to_f32(load_i8(row, o + 2)), to_f32(load_i8(row, o + 18)), load_f16(row, o), np.float32(0.0)
+    return decode(fmt, row, 2 * p), decode(fmt, row, 2 * p + 1), np.float32(1.0), np.float32(0.0)
+
+
 @njit(**HELPER)
-def _axpy_groups(fmt, w, rows, coeffs, out, span):
-    """out[16g:16g+16] = sum over k of coeffs[k] * W[rows[k], 16g:16g+16] for groups g in span = (lo, hi).
+def _axpy_pairs(fmt, w, rows, coeffs, out, span):
+    """out[32p:32p+32] = sum over k of coeffs[k] * W[rows[k], 32p:32p+32] for pairs of 16-value groups
+    p in span = (lo, hi, last_chunk), and the unpaired last group, where out has an odd number of
+    groups (float formats only), in the last chunk.
 
     Rows outer, four at a time (one load and store of out per four rows), so each active row's
     segment streams from memory once, the next four prefetched; zero coefficients are skipped; k
-    ascends, so the sums do not depend on the chunking."""
-    lo, hi = span
+    ascends, so the sums do not depend on the chunking. Per block, the four rows' scales and offsets
+    are combined with their coefficients as scalars: one multiply-add per lane and row."""
+    lo, hi, last_chunk = span
     n_groups = out.shape[0] // LANES
-    first, last = lo * w.shape[1] // n_groups, hi * w.shape[1] // n_groups  # this span's bytes of a row
+    odd = last_chunk and n_groups & 1
+    first = 2 * lo * w.shape[1] // n_groups  # this span's bytes of a row
+    last = w.shape[1] if odd else 2 * hi * w.shape[1] // n_groups
     live = np.empty(rows.shape[0], np.int64)
     n = 0
     for k in range(rows.shape[0]):
         if coeffs[k] != 0.0:
             live[n] = k
             n += 1
-    for g in range(lo, hi):
+    for g in range(2 * lo, 2 * hi + odd):
         store_f32(out, g * LANES, zeros())
     for j in range(0, n, 4):
         for i in range(j + 4, min(j + 8, n)):
@@ -61,7 +87,20 @@ def _axpy_groups(fmt, w, rows, coeffs, out, span):
         c2 = coeffs[k2] if j + 2 < n else np.float32(0.0)
         c3 = coeffs[k3] if j + 3 < n else np.float32(0.0)
         r0, r1, r2, r3 = w[rows[k0]], w[rows[k1]], w[rows[k2]], w[rows[k3]]
-        for g in range(lo, hi):
+        for p in range(lo, hi):
+            lo0, hi0, d0, m0 = _scaled_pair(fmt, r0, p)
+            lo1, hi1, d1, m1 = _scaled_pair(fmt, r1, p)
+            lo2, hi2, d2, m2 = _scaled_pair(fmt, r2, p)
+            lo3, hi3, d3, m3 = _scaled_pair(fmt, r3, p)
+            m = m0 * c0 + m1 * c1 + m2 * c2 + m3 * c3
+            e0, e1, e2, e3 = d0 * c0, d1 * c1, d2 * c2, d3 * c3
+            g = 2 * p * LANES
+            acc = load_f32(out, g) + m + lo0 * e0
+            store_f32(out, g, acc + lo1 * e1 + lo2 * e2 + lo3 * e3)
+            acc = load_f32(out, g + LANES) + m + hi0 * e0
+            store_f32(out, g + LANES, acc + hi1 * e1 + hi2 * e2 + hi3 * e3)
+        if odd:
+            g = n_groups - 1
             acc = load_f32(out, g * LANES) + decode(fmt, r0, g) * c0
             acc = acc + decode(fmt, r1, g) * c1
             acc = acc + decode(fmt, r2, g) * c2
@@ -77,7 +116,7 @@ def _gather_chunk(fmt, w, rows, x, xin, out, span):
 
 @njit(**HELPER)
 def _axpy_chunk(fmt, w, rows, coeffs, out, span):
-    with_format(fmt, _axpy_groups, w, rows, coeffs, out, span)
+    with_format(fmt, _axpy_pairs, w, rows, coeffs, out, span)
 
 
 @njit(**KERNEL)
@@ -99,8 +138,9 @@ def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
 
     fmt: GGML type code; w: uint8[n_ff, row_bytes] neuron-major, n_embd values per row, n_embd a
     multiple of 16; rows: int32[n], each in [0, n_ff); coeffs: float32[n]; out: float32[n_embd],
-    written; n_chunks: chunks of 16-value column groups, one per thread.
+    written; n_chunks: chunks of 32-value column pairs of groups, one per thread.
     """
-    n_groups = out.shape[0] // LANES
+    n_pairs = out.shape[0] // (2 * LANES)
     for c in prange(n_chunks):
-        _axpy_chunk(fmt, w, rows, coeffs, out, (c * n_groups // n_chunks, (c + 1) * n_groups // n_chunks))
+        _axpy_chunk(fmt, w, rows, coeffs, out, (c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks,
+                                                c == n_chunks - 1))

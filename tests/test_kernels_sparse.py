@@ -50,6 +50,25 @@ def test_sparse_axpy(qtype, which):
     np.testing.assert_allclose(out, coeffs @ dense[rows], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16])
+@pytest.mark.parametrize("n_embd", [16, 80])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_axpy_odd_group_count(qtype, n_embd, threads):
+    """Float rows of an odd number of 16-value groups: the unpaired last group, whatever the chunking."""
+    rng = np.random.default_rng(0)
+    w = blocks(qtype, rng.standard_normal((20, n_embd)).astype(np.float32))
+    dense = dequantize(w, qtype).reshape(20, n_embd)
+    rows = np.array([0, 4, 5, 19], np.int32)
+    coeffs = rng.standard_normal(len(rows)).astype(np.float32)
+    out = np.full(n_embd, np.nan, np.float32)
+    kernels.set_threads(threads)
+    try:
+        kernels.sparse_axpy(qtype, w, rows, coeffs, out)
+    finally:
+        kernels.set_threads(2)
+    np.testing.assert_allclose(out, coeffs @ dense[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_results_do_not_depend_on_threads():
     rng = np.random.default_rng(2)
     w = blocks(Q.Q4_0, rng.standard_normal((300, 256)).astype(np.float32))
