@@ -51,7 +51,8 @@ def main() -> None:
     p.add_argument("--active", type=float, default=0.11, help="share of neurons predicted active")
     p.add_argument("--rank", type=int, default=1024, help="predictor rank")
     p.add_argument("--predictor-type", default="q8_0", choices=list(PREDICTOR_QTYPES))
-    p.add_argument("--layers", type=int, default=4, help="distinct layers cycled, so weights stream")
+    p.add_argument("--layers", type=int, default=16,
+                   help="distinct layers cycled, so that weights (the predicted rows too) stream from memory, not L3")
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-r", "--repetitions", type=int, default=30)
     a = p.parse_args()
