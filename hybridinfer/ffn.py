@@ -14,7 +14,7 @@ import numpy as np
 import kernels
 from predictors import PredictorSet, SparsityStats
 from hybridinfer.errors import HybridInferError
-from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, interleaved_rows, neuron_major
+from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, interleaved_rows, neuron_major, round_input
 from kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
 
 ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
@@ -87,7 +87,8 @@ class ExactSparseFFN(DenseFFN):
 class PredictedFFN(DenseFFN):
     """The predictor picks the neurons; gate and up over those rows only, down over the neurons whose
     activation is non-zero. Decoding reads copies made at load: gate and up rows interleaved (one
-    gather reads each neuron's two rows in one piece) and ffn_down neuron-major."""
+    gather reads each neuron's two rows in one piece) and ffn_down neuron-major; a decode step is two
+    kernel calls, the predictor's and the FFN's over its set."""
 
     def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
                  stats: SparsityStats | None = None):
@@ -98,8 +99,7 @@ class PredictedFFN(DenseFFN):
         self.down_t: list[Matrix] = [neuron_major(blk.ffn_down) for blk in blocks]  # [n_ff, n_embd] each
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.idx = np.zeros(args.n_ff, np.int32)
-        self.rows2 = np.zeros(2 * args.n_ff, np.int32)  # decode scratch: gate_up rows 2i, 2i + 1
-        self.gu = np.zeros(2 * args.n_ff, np.float32)
+        self.kind = ACT_KIND[self.act.kind]
         self.decoded = [0, 0]  # neurons computed, neurons there were: over all decode steps and layers
 
     @property
@@ -126,18 +126,11 @@ class PredictedFFN(DenseFFN):
             predicted = np.zeros((1, len(self.idx)), bool)
             predicted[0, idx] = True
             self.stats.add(layer, self.mask[:1], predicted)
-        n = len(idx)
-        self.decoded[0] += n
+        self.decoded[0] += len(idx)
         self.decoded[1] += len(self.idx)
-        rows2, gu = self.rows2[:2 * n], self.gu[:2 * n]
-        np.multiply(idx, 2, out=rows2[0::2])
-        np.add(rows2[0::2], 1, out=rows2[1::2])
-        self.gate_up[layer].gather(rows2, xn, gu)
-        g = self.gate[:1, :n]
-        g[0] = gu[0::2]
-        activate(self.act, g, gu[None, 1::2])
-        down = self.down_t[layer]
-        kernels.sparse_axpy(down.qtype, down.data, idx, g[0], out[0])
+        gate_up, down = self.gate_up[layer], self.down_t[layer]
+        kernels.sparse_ffn((gate_up.qtype, gate_up.data), (down.qtype, down.data), self.kind, self.act.threshold,
+                           idx, round_input(gate_up.qtype, xn)[0], out[0])
 
     def _masked_dense(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         """T tokens: every row computed, the unpredicted neurons zeroed, down token by token as in decode."""

@@ -90,7 +90,7 @@ class ModelArgs:
 _scratch = np.empty(0, np.float32)  # the rounded input of the current mat-vec (calls never nest)
 
 
-def _round_input(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
+def round_input(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
     """x as ggml rounds it before a dot product with weights of qtype (see kernels.ops.DOT_ROUNDING);
     the kernels quantise it themselves to Q8_0 blocks for their integer dot products."""
     global _scratch
@@ -118,7 +118,7 @@ class Matrix:
     n_out: int
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
-        x = _round_input(self.qtype, x)
+        x = round_input(self.qtype, x)
         if len(x) == 1:
             kernels.matvec(self.qtype, self.data, x[0], out[0])
         else:
@@ -126,7 +126,7 @@ class Matrix:
 
     def gather(self, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out[n] = W[rows] @ x for one token x[1, n_in]: rows int32[n]."""
-        kernels.gather_matvec(self.qtype, self.data, rows, _round_input(self.qtype, x)[0], out)
+        kernels.gather_matvec(self.qtype, self.data, rows, round_input(self.qtype, x)[0], out)
 
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         kernels.get_rows(self.qtype, self.data, ids, out)

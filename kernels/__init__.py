@@ -115,6 +115,44 @@ def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, co
     sparse.sparse_axpy(int(qtype), _readonly(w), rows, coeffs, out, _n_chunks)
 
 
+def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.ndarray, logits: np.ndarray,
+               idx: np.ndarray) -> int:
+    """A predictor's decode step in one call: logits[n_ff] = W2 @ relu(W1 @ x), and the indices of the
+    logits >= threshold written ascending into idx int32[n_ff]; returns their count. fc1, fc2:
+    (qtype, w) of W1 [rank, n_in] and W2 [n_ff, rank]; h f32[rank] and logits are scratch, written."""
+    n_in, rank = _weight(*fc1), _weight(*fc2)
+    _vector(x, n_in, "x", "fc1's n_in")
+    _vector(h, fc1[1].shape[0], "h", "fc1's n_out", writable=True)
+    _vector(logits, fc2[1].shape[0], "logits", "fc2's n_out", writable=True)
+    if h.shape[0] != rank:
+        raise ValueError(f"fc2 takes {rank} inputs but fc1 gives {h.shape[0]}")
+    if not isinstance(idx, np.ndarray) or idx.dtype != np.int32 or idx.shape != logits.shape or not idx.flags.writeable:
+        raise ValueError(f"idx must be a writable int32 array of shape {logits.shape}, got {_describe(idx)}")
+    return sparse.mlp_select((int(fc1[0]), _readonly(fc1[1])), (int(fc2[0]), _readonly(fc2[1])),
+                             np.float32(threshold), x, h, logits, idx, _n_chunks)
+
+
+def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float, idx: np.ndarray,
+               x: np.ndarray, out: np.ndarray) -> None:
+    """out[n_embd] = the FFN of x over the neurons idx only, in one call: the gathered gate and up
+    rows, the activation (ops.SILU, RELU or FATRELU), the sparse axpy of down.
+
+    gate_up: (qtype, w) [2 * n_ff, n_embd] with neuron i's gate row at 2i and up row at 2i + 1 (x
+    rounded as that type takes it); down: (qtype, w) neuron-major [n_ff, n_embd]; idx int32 in [0, n_ff)."""
+    n_embd, n_ff = _weight(*gate_up), down[1].shape[0]
+    if _weight(*down) != n_embd or gate_up[1].shape[0] != 2 * n_ff:
+        raise ValueError(f"gate_up {gate_up[1].shape[0]} x {n_embd} does not match down {n_ff} x "
+                         f"{_weight(*down)}: expected [2 * n_ff, n_embd] and [n_ff, n_embd]")
+    if n_embd % 16:
+        raise ValueError(f"sparse_ffn needs rows of a multiple of 16 values, got {n_embd}")
+    _rows(idx, n_ff)
+    _vector(x, n_embd, "x", "n_embd")
+    _vector(out, n_embd, "out", "n_embd", writable=True)
+    _no_overlap(out, x)
+    sparse.sparse_ffn((int(gate_up[0]), _readonly(gate_up[1])), (int(down[0]), _readonly(down[1])), int(act_kind),
+                      np.float32(act_threshold), idx, x, out, _n_chunks)
+
+
 # ---- checks (messages are built only on failure: these run ~200 times per token) ---------------
 
 def _weight(qtype, w) -> int:

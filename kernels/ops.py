@@ -73,7 +73,8 @@ def attention(q, k_cache, v_cache, pos, out, scores):
 
 
 @njit(**SERIAL_KERNEL, inline="always")
-def _act(g, kind, threshold):
+def act(g, kind, threshold):
+    """The FFN activation of one gate value g: SILU, RELU or FATRELU (keeps g >= threshold)."""
     if kind == SILU:
         return g / (np.float32(1.0) + np.exp(-g))
     if kind == RELU:
@@ -86,14 +87,14 @@ def ffn_activation(gate, up, kind, threshold):
     """gate[T, n_ff] <- act(gate) * up[T, n_ff] in place; kind SILU, RELU or FATRELU (keeps g >= threshold)."""
     for t in range(gate.shape[0]):
         for i in range(gate.shape[1]):
-            gate[t, i] = _act(gate[t, i], kind, threshold) * up[t, i]
+            gate[t, i] = act(gate[t, i], kind, threshold) * up[t, i]
 
 
 @njit(**SERIAL_KERNEL)
 def activation(x, kind, threshold):
     """x[n] <- act(x) in place (no up factor): the activation whose zeros sparse modes skip."""
     for i in range(x.shape[0]):
-        x[i] = _act(x[i], kind, threshold)
+        x[i] = act(x[i], kind, threshold)
 
 
 @njit(**SERIAL_KERNEL)

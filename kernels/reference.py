@@ -43,3 +43,8 @@ def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray) -> np.ndar
 def get_rows(qtype: GGMLQuantizationType, w: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """W[ids]: out[T, n_in] float32."""
     return dequantize(qtype, w[np.asarray(ids, dtype=np.int64)])
+
+
+def select_active(logits: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of logits >= threshold, ascending, int32."""
+    return np.flatnonzero(logits >= np.float32(threshold)).astype(np.int32)

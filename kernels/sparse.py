@@ -3,14 +3,17 @@
 gather_matvec: the dot products of a list of rows of gate or up with x. sparse_axpy: the sum of
 the active neurons' down columns, each stored as one contiguous row of a neuron-major matrix,
 scaled by their activations. Both are generic in the format through cpu.with_format, as the dense
-kernels are; callers (kernels/__init__.py) check shapes and index ranges.
+kernels are. mlp_select (a predictor's decode step) and sparse_ffn (the FFN over the neurons it
+picked) chain them in one call each, with their glue. Callers (kernels/__init__.py) check shapes
+and index ranges.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from kernels.config import HELPER, KERNEL
-from kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, q8_input, row_dot, tail_buffers, with_format
+from kernels.config import HELPER, KERNEL, SERIAL_KERNEL
+from kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers, with_format
+from kernels.ops import act
 from kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
 
 
@@ -144,3 +147,51 @@ def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
     for c in prange(n_chunks):
         _axpy_chunk(fmt, w, rows, coeffs, out, (c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks,
                                                 c == n_chunks - 1))
+
+
+@njit(**SERIAL_KERNEL)
+def select_active(logits, threshold, out):
+    """Indices i of logits f32[n] with logits[i] >= threshold, ascending, into out int32[n]; returns the count."""
+    n = 0
+    for i in range(logits.shape[0]):
+        if logits[i] >= threshold:
+            out[n] = i
+            n += 1
+    return n
+
+
+@njit(**SERIAL_KERNEL)
+def mlp_select(fc1, fc2, threshold, x, h, logits, idx, n_chunks):
+    """A predictor's decode step: logits = fc2 @ relu(fc1 @ x), then the indices of the logits >=
+    threshold into idx (ascending); returns their count.
+
+    fc1, fc2: (GGML type code, uint8 blocks [n_out, row_bytes]) of [rank, n_in] and [n_ff, rank];
+    x f32[n_in]; h f32[rank], logits f32[n_ff], idx int32[n_ff]: written.
+    """
+    matvec(fc1[0], fc1[1], x, h, n_chunks)
+    for i in range(h.shape[0]):
+        h[i] = max(h[i], np.float32(0.0))
+    matvec(fc2[0], fc2[1], h, logits, n_chunks)
+    return select_active(logits, threshold, idx)
+
+
+@njit(**SERIAL_KERNEL)
+def sparse_ffn(gate_up, down, act_kind, act_threshold, idx, x, out, n_chunks):
+    """out = down @ (act(gate @ x) * (up @ x)) over the neurons idx only: one decode step of the FFN.
+
+    gate_up: (GGML type code, uint8 blocks) [2 * n_ff, n_embd], neuron i's gate row at 2i, its up
+    row at 2i + 1; down: (type code, blocks) neuron-major [n_ff, n_embd]; act_kind, act_threshold as
+    ops.act; idx int32[n], each in [0, n_ff); x f32[n_embd] (rounded as the gate_up type takes it);
+    out f32[n_embd], written. Neurons whose activation is zero are skipped by the axpy.
+    """
+    n = idx.shape[0]
+    rows = np.empty(2 * n, np.int32)
+    for k in range(n):
+        rows[2 * k] = 2 * idx[k]
+        rows[2 * k + 1] = 2 * idx[k] + 1
+    dots = np.empty(2 * n, np.float32)
+    gather_matvec(gate_up[0], gate_up[1], rows, x, dots, n_chunks)
+    coeffs = np.empty(n, np.float32)
+    for k in range(n):
+        coeffs[k] = act(dots[2 * k], act_kind, act_threshold) * dots[2 * k + 1]
+    sparse_axpy(down[0], down[1], idx, coeffs, out, n_chunks)

@@ -1,7 +1,7 @@
 """The runtime predictor: per layer logits = fc2 @ relu(fc1 @ x), a neuron active when logit >= threshold.
 
 NumPy and the project's kernels only (no torch, nothing from the engine). The weights run through
-kernels.matvec / kernels.matmul as F16, as stored, or quantised at load to Q8_0 (half the bytes
+kernels.mlp_select (decode, one call) / kernels.matmul as F16, as stored, or quantised at load to Q8_0 (half the bytes
 read per token) or Q4_0 (about a quarter; see PREDICTOR_QTYPES). Scratch buffers are allocated once: the decode call,
 active_indices, allocates only its result.
 """
@@ -10,32 +10,15 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from numba import njit
 
 import kernels
 from kernels import quant
-from kernels.config import SERIAL_KERNEL
 from predictors.format import Fingerprint, PredictorError, PredictorWeights, load
 
 F16, Q8_0, Q4_0 = GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
 PREDICTOR_QTYPES = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 DEFAULT_QTYPE = "f16"
 _BLOCK = 32  # values per Q8_0 / Q4_0 block
-
-
-@njit(**SERIAL_KERNEL)
-def select_active(logits, threshold, out):
-    """Indices i of logits f32[n] with logits[i] >= threshold, ascending, into out int32[n]; returns the count."""
-    n = 0
-    for i in range(logits.shape[0]):
-        if logits[i] >= threshold:
-            out[n] = i
-            n += 1
-    return n
-
-
-def select_active_reference(logits: np.ndarray, threshold: float) -> np.ndarray:
-    return np.flatnonzero(logits >= np.float32(threshold)).astype(np.int32)
 
 
 class _Layer:
@@ -147,9 +130,6 @@ class PredictorSet:
 
     def active_indices(self, layer: int, resid_vec: np.ndarray) -> np.ndarray:
         """Sorted int32 indices of the neurons predicted active for one token resid_vec f32 [n_embd]."""
-        L, logits = self.layers[layer], self._logits1
-        kernels.matvec(*L.fc1, resid_vec, L.h)
-        np.maximum(L.h, 0.0, out=L.h)
-        kernels.matvec(*L.fc2, L.h, logits)
-        n = select_active(logits, L.threshold, self._idx)
+        L = self.layers[layer]
+        n = kernels.mlp_select(L.fc1, L.fc2, L.threshold, resid_vec, L.h, self._logits1, self._idx)
         return self._idx[:n].copy()

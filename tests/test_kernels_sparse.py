@@ -1,5 +1,6 @@
-"""The sparse kernels (gather-GEMV over active rows, sparse axpy over neuron-major down columns)
-against NumPy on gguf's dequantization, on the edge cases: no row, one, all, the last one."""
+"""The sparse kernels (gather-GEMV over active rows, sparse axpy over neuron-major down columns, and
+the predictor and FFN decode steps built on them) against NumPy on gguf's dequantization, on the
+edge cases: no row, one, all, the last one."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from gguf import dequantize, quantize
 
 import kernels
 from kernels import reference
+from kernels.ops import FATRELU, RELU, SILU
+from kernels.sparse import select_active
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 
@@ -97,3 +100,69 @@ def test_bad_rows_are_refused(rows, message):
         kernels.gather_matvec(Q.Q8_0, w, rows, np.zeros(96, np.float32), np.zeros(len(rows), np.float32))
     with pytest.raises(ValueError, match=message):
         kernels.sparse_axpy(Q.Q8_0, w, rows, np.zeros(len(rows), np.float32), np.zeros(96, np.float32))
+
+
+@pytest.mark.parametrize("logits, threshold", [
+    (np.zeros(0), 0.0), (np.full(7, -1.0), 0.0), (np.full(7, 2.0), 0.0),
+    (np.array([0.5, 0.49, 0.5, 0.51]), 0.5), (np.random.default_rng(0).standard_normal(1000), 0.3),
+])
+def test_select_active(logits, threshold):
+    logits = logits.astype(np.float32)
+    out = np.empty(len(logits), np.int32)
+    n = select_active(logits, np.float32(threshold), out)
+    assert np.array_equal(out[:n], reference.select_active(logits, threshold))
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_0])
+@pytest.mark.parametrize("threshold", [-1e9, 0.05, 1e9])  # every neuron, some, none
+def test_mlp_select(qtype, threshold):
+    rng = np.random.default_rng(3)
+    fc1 = blocks(qtype, rng.standard_normal((32, 96)).astype(np.float32))
+    fc2 = blocks(qtype, rng.standard_normal((70, 32)).astype(np.float32))
+    x = rng.standard_normal(96).astype(np.float32)
+    h, logits, idx = np.empty(32, np.float32), np.empty(70, np.float32), np.empty(70, np.int32)
+    n = kernels.mlp_select((qtype, fc1), (qtype, fc2), threshold, x, h, logits, idx)
+    expected_h = np.maximum(reference.matvec(qtype, fc1, x), 0)
+    np.testing.assert_allclose(logits, reference.matvec(qtype, fc2, h), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(h, expected_h, rtol=1e-5, atol=1e-4)
+    assert np.array_equal(idx[:n], reference.select_active(logits, threshold))
+
+
+def test_mlp_select_refuses_mismatched_shapes():
+    fc1, fc2 = blocks(Q.Q8_0, np.zeros((32, 96), np.float32)), blocks(Q.Q8_0, np.zeros((70, 64), np.float32))
+    with pytest.raises(ValueError, match="fc2 takes 64 inputs but fc1 gives 32"):
+        kernels.mlp_select((Q.Q8_0, fc1), (Q.Q8_0, fc2), 0.0, np.zeros(96, np.float32), np.zeros(32, np.float32),
+                           np.zeros(70, np.float32), np.zeros(70, np.int32))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("which", ["none", "one", "last", "all", "some"])
+@pytest.mark.parametrize("kind", [RELU, FATRELU, SILU])
+def test_sparse_ffn(qtype, which, kind):
+    """The FFN over a set of neurons equals down @ (act(gate @ x) * (up @ x)) with the others zeroed."""
+    rng = np.random.default_rng(4)
+    n_ff, n_embd = 70, 96
+    gate, up, down = (rng.standard_normal(shape).astype(np.float32) for shape in
+                      ((n_ff, n_embd), (n_ff, n_embd), (n_ff, n_embd)))
+    gate_up = blocks(qtype, np.stack([gate, up], axis=1).reshape(2 * n_ff, n_embd))
+    down_t = blocks(qtype, down)  # neuron-major
+    idx = np.array(row_sets(n_ff)[which], np.int32)
+    x = rng.standard_normal(n_embd).astype(np.float32)
+    out = np.full(n_embd, np.nan, np.float32)
+    kernels.sparse_ffn((qtype, gate_up), (qtype, down_t), kind, 0.5, idx, x, out)
+    dots = reference.matvec(qtype, gate_up, x).reshape(n_ff, 2)
+    g, u = dots[:, 0].astype(np.float64), dots[:, 1]
+    a = {RELU: np.maximum(g, 0), FATRELU: np.where(g >= 0.5, g, 0), SILU: g / (1 + np.exp(-g))}[kind] * u
+    expected = a[idx] @ dequantize(down_t, qtype).reshape(n_ff, n_embd).astype(np.float64)[idx]
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_sparse_ffn_refuses_mismatched_matrices():
+    gate_up, down_t = blocks(Q.Q8_0, np.zeros((140, 96), np.float32)), blocks(Q.Q8_0, np.zeros((60, 96), np.float32))
+    with pytest.raises(ValueError, match="does not match down"):
+        kernels.sparse_ffn((Q.Q8_0, gate_up), (Q.Q8_0, down_t), RELU, 0.0, np.zeros(1, np.int32),
+                           np.zeros(96, np.float32), np.zeros(96, np.float32))
+    down_t = blocks(Q.Q8_0, np.zeros((70, 96), np.float32))
+    with pytest.raises(ValueError, match="rows must lie in"):
+        kernels.sparse_ffn((Q.Q8_0, gate_up), (Q.Q8_0, down_t), RELU, 0.0, np.array([70], np.int32),
+                           np.zeros(96, np.float32), np.zeros(96, np.float32))

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType
 
 from predictors.format import (CONFIG, WEIGHTS, Fingerprint, PredictorError, PredictorWeights, fingerprint, load,
                                save)
-from predictors.mlp import PredictorSet, select_active, select_active_reference
+from predictors.mlp import PredictorSet
 from predictors.stats import SparsityStats
 
 N_LAYER, N_EMBD, N_FF, RANK = 3, 64, 96, 16
@@ -262,17 +262,6 @@ def test_quantised_predictor_keeps_odd_ranks_f16(qtype):
     assert p.layers[0].fc1[0] == GGMLQuantizationType[qtype.upper()]
     assert p.layers[0].fc2[0] == GGMLQuantizationType.F16
     _one_line_error(lambda: PredictorSet(_weights(), qtype="q5_0"), "q5_0")
-
-
-@pytest.mark.parametrize("logits, threshold", [
-    (np.zeros(0), 0.0), (np.full(7, -1.0), 0.0), (np.full(7, 2.0), 0.0),
-    (np.array([0.5, 0.49, 0.5, 0.51]), 0.5), (np.random.default_rng(0).standard_normal(1000), 0.3),
-])
-def test_select_active(logits, threshold):
-    logits = logits.astype(np.float32)
-    out = np.empty(len(logits), np.int32)
-    n = select_active(logits, np.float32(threshold), out)
-    assert np.array_equal(out[:n], select_active_reference(logits, threshold))
 
 
 # ---- statistics --------------------------------------------------------------------------------
