@@ -1,7 +1,8 @@
 """llama-bench's two tests, for this engine and for llama.cpp on the same file.
 
 pp: one prompt of n random tokens from an empty cache; tg: n single-token decode steps from an empty
-cache, each fed a random token. Each test runs once to warm up, then `reps` times.
+cache, each fed a random token. Each test runs once to warm up, then `reps` times, the engines
+taking turns.
 """
 
 import statistics
@@ -31,34 +32,48 @@ class BenchResult:
         return statistics.stdev(self.tokens_per_s) if len(self.tokens_per_s) > 1 else 0.0
 
 
-def _measure(engine: str, test: str, n_tokens: int, reps: int, run_once: Callable[[], None]) -> BenchResult:
-    run_once()  # warm-up
-    rates = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run_once()
-        rates.append(n_tokens / (time.perf_counter() - start))
-    return BenchResult(engine, test, rates)
+Test = tuple[int, Callable[[], None]]  # tokens per run, and one run
 
 
-def bench_hybridinfer(model: Transformer, n_prompt: int, n_gen: int, reps: int, seed: int = 0) -> list[BenchResult]:
+def run_tests(engines: dict[str, dict[str, Test]], reps: int) -> list[BenchResult]:
+    """Each engine's tests ({engine: {test name: test}}), each warmed up once, then run `reps` times.
+
+    The engines take turns run by run, so that a change in the machine's load (it is shared) falls on
+    all of them alike instead of on whichever ran last. Results: tests in order, engines in order.
+    """
+    results = []
+    for test in dict.fromkeys(t for tests in engines.values() for t in tests):
+        runs = {engine: tests[test] for engine, tests in engines.items() if test in tests}
+        for _, run_once in runs.values():
+            run_once()  # warm-up
+        rates = {engine: [] for engine in runs}
+        for _ in range(reps):
+            for engine, (n_tokens, run_once) in runs.items():
+                start = time.perf_counter()
+                run_once()
+                rates[engine].append(n_tokens / (time.perf_counter() - start))
+        results += [BenchResult(engine, test, r) for engine, r in rates.items()]
+    return results
+
+
+def hybridinfer_tests(model: Transformer, n_prompt: int, n_gen: int, seed: int = 0) -> dict[str, Test]:
     rng = np.random.default_rng(seed)
     n_vocab = model.args.n_vocab
-    results = []
+    tests = {}
     if n_prompt:
         prompt = rng.integers(0, n_vocab, n_prompt)
-        results.append(_measure("hybridinfer", f"pp{n_prompt}", n_prompt, reps, lambda: model.forward(prompt, 0)))
+        tests[f"pp{n_prompt}"] = n_prompt, lambda: model.forward(prompt, 0)
     if n_gen:
         tokens = rng.integers(0, n_vocab, n_gen)
 
         def decode():
             for pos, token in enumerate(tokens):
                 model.forward(tokens[pos:pos + 1], pos)
-        results.append(_measure("hybridinfer", f"tg{n_gen}", n_gen, reps, decode))
-    return results
+        tests[f"tg{n_gen}"] = n_gen, decode
+    return tests
 
 
-def bench_llamacpp(path: Path, n_prompt: int, n_gen: int, reps: int, threads: int, seed: int = 0) -> list[BenchResult]:
+def llamacpp_tests(path: Path, n_prompt: int, n_gen: int, threads: int, seed: int = 0) -> dict[str, Test]:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -66,14 +81,14 @@ def bench_llamacpp(path: Path, n_prompt: int, n_gen: int, reps: int, threads: in
     llm = Llama(model_path=str(path), n_ctx=max(n_prompt, n_gen, 1), n_batch=512, n_ubatch=512,
                 n_threads=threads, n_threads_batch=threads, verbose=False)
     rng = np.random.default_rng(seed)
-    results = []
+    tests = {}
     if n_prompt:
         prompt = rng.integers(0, llm.n_vocab(), n_prompt).tolist()
 
         def prefill():
             llm.reset()
             llm.eval(prompt)
-        results.append(_measure("llama.cpp", f"pp{n_prompt}", n_prompt, reps, prefill))
+        tests[f"pp{n_prompt}"] = n_prompt, prefill
     if n_gen:
         tokens = rng.integers(0, llm.n_vocab(), n_gen).tolist()
 
@@ -81,5 +96,5 @@ def bench_llamacpp(path: Path, n_prompt: int, n_gen: int, reps: int, threads: in
             llm.reset()
             for token in tokens:
                 llm.eval([token])
-        results.append(_measure("llama.cpp", f"tg{n_gen}", n_gen, reps, decode))
-    return results
+        tests[f"tg{n_gen}"] = n_gen, decode
+    return tests

@@ -1,14 +1,15 @@
 """Measure prompt processing (pp) and generation (tg) speed, llama-bench style.
 
 Prints a markdown table of tokens/s (median of -r runs after a warm-up); with --vs-llamacpp the same
-tests run on llama.cpp (llama-cpp-python, same file, same threads) in the same run, with a ratio.
+tests run on llama.cpp (llama-cpp-python, same file, same threads) in the same run, the two engines
+taking turns run by run, with a ratio.
 """
 
 import argparse
 import json
 import sys
 
-from hybridinfer.bench import bench_hybridinfer, bench_llamacpp
+from hybridinfer.bench import hybridinfer_tests, llamacpp_tests, run_tests
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
 
 
@@ -23,11 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     s = load_session(args, n_ctx=max(args.n_prompt, args.n_gen, 1))
-    results = bench_hybridinfer(s.model, args.n_prompt, args.n_gen, args.repetitions)
-    baseline = {}
+    engines = {"hybridinfer": hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
     if args.vs_llamacpp:
-        baseline = {r.test: r for r in bench_llamacpp(s.gguf.path, args.n_prompt, args.n_gen, args.repetitions,
-                                                       args.threads)}
+        engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads)
+    all_results = run_tests(engines, args.repetitions)
+    results = [r for r in all_results if r.engine == "hybridinfer"]
+    baseline = {r.test: r for r in all_results if r.engine == "llama.cpp"}
     rows = [(r, r.median / baseline[r.test].median if r.test in baseline else None) for r in results]
     share = getattr(s.model.ffn, "active_share", None)  # predicted mode: what the speed was measured at
     if args.json:
