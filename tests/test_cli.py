@@ -60,6 +60,16 @@ def test_bench_table(tiny_q8):
     assert "| pp16 |" in result.stdout and "| tg4 |" in result.stdout
 
 
+def test_bench_vs_dense(tiny_q8):
+    """--vs-dense times dense mode on the same weights in the same run and gives the ratio."""
+    result = cli("bench", str(tiny_q8), "-p", "0", "-n", "4", "-r", "2", "--sparse", "exact", "--vs-dense", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    rates = {r["engine"]: r["tokens_per_s"] for r in out["results"]}
+    assert set(rates) == {"hybridinfer exact", "hybridinfer dense"}
+    assert out["ratio_vs_dense"]["tg4"] == pytest.approx(rates["hybridinfer exact"] / rates["hybridinfer dense"])
+
+
 def test_bench_reports_the_predicted_share(tiny_q8):
     """Predicted mode's speed comes with the share of neurons it computed; other modes have none."""
     result = cli("bench", "-p", "0", "-n", "4", "-r", "1", "--json")  # the default model: its predictor

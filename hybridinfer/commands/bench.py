@@ -1,8 +1,9 @@
 """Measure prompt processing (pp) and generation (tg) speed, llama-bench style.
 
 Prints a markdown table of tokens/s (median of -r runs after a warm-up); with --vs-llamacpp the same
-tests run on llama.cpp (llama-cpp-python, same file, same threads) in the same run, the two engines
-taking turns run by run, with a ratio.
+tests run on llama.cpp (llama-cpp-python, same file, same threads) in the same run, and with
+--vs-dense on this engine's dense mode (same weights, --sparse off), the engines taking turns run by
+run, each with a ratio column.
 """
 
 import argparse
@@ -11,6 +12,8 @@ import sys
 
 from hybridinfer.bench import hybridinfer_tests, llamacpp_tests, run_tests
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
+from hybridinfer.ffn import DenseFFN
+from hybridinfer.model import Transformer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,31 +22,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--n-gen", type=int_at_least(0), default=128, help="generated tokens (default: 128)")
     parser.add_argument("-r", "--repetitions", type=int_at_least(1), default=5, help="runs per test (default: 5)")
     parser.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp on the same file and compare")
+    parser.add_argument("--vs-dense", action="store_true",
+                        help="run this engine's dense mode (--sparse off) on the same weights and compare")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     s = load_session(args, n_ctx=max(args.n_prompt, args.n_gen, 1))
-    engines = {"hybridinfer": hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
+    engine = "hybridinfer" if s.mode == "off" else f"hybridinfer {s.mode}"
+    engines = {engine: hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
+    if args.vs_dense and s.mode != "off":
+        dense = Transformer(s.model.args, s.model.w, s.model.n_ctx, DenseFFN(s.model.args, s.model.n_batch))
+        engines["hybridinfer dense"] = hybridinfer_tests(dense, args.n_prompt, args.n_gen)
     if args.vs_llamacpp:
         engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads)
-    all_results = run_tests(engines, args.repetitions)
-    results = [r for r in all_results if r.engine == "hybridinfer"]
-    baseline = {r.test: r for r in all_results if r.engine == "llama.cpp"}
-    rows = [(r, r.median / baseline[r.test].median if r.test in baseline else None) for r in results]
+    results = run_tests(engines, args.repetitions)
+    ours = {r.test: r for r in results if r.engine == engine}
+    baselines = [b for b in ("hybridinfer dense", "llama.cpp") if b in engines]
+    json_key = {"hybridinfer dense": "ratio_vs_dense", "llama.cpp": "ratio_vs_llamacpp"}
+    ratios = {b: {r.test: ours[r.test].median / r.median for r in results if r.engine == b} for b in baselines}
     share = getattr(s.model.ffn, "active_share", None)  # predicted mode: what the speed was measured at
     if args.json:
-        print(json.dumps({"model": s.gguf.path.name, "threads": args.threads, "results": [
+        print(json.dumps({"model": s.gguf.path.name, "threads": args.threads, "mode": s.mode, "results": [
             {"engine": r.engine, "test": r.test, "tokens_per_s": r.median, "runs": r.tokens_per_s}
-            for r in [*results, *baseline.values()]],
-            "ratio_vs_llamacpp": {r.test: ratio for r, ratio in rows if ratio is not None},
+            for r in results],
+            **{json_key[b]: ratios[b] for b in baselines},
             "predicted_active_share": share}))
         return 0
     size_mib = s.gguf.path.stat().st_size / 2**20
-    print(f"| model | size | engine | threads | test | t/s |{' vs llama.cpp |' if baseline else ''}")
-    print(f"| --- | ---: | --- | ---: | --- | ---: |{' ---: |' if baseline else ''}")
-    for r, ratio in [*rows, *[(b, None) for b in baseline.values()]]:
-        extra = (f" {ratio:.2f}x |" if ratio is not None else " |") if baseline else ""
+    print(f"| model | size | engine | threads | test | t/s |{''.join(f' vs {b} |' for b in baselines)}")
+    print(f"| --- | ---: | --- | ---: | --- | ---: |{' ---: |' * len(baselines)}")
+    for r in results:
+        extra = "".join(f" {ratios[b][r.test]:.2f}x |" if r.engine == engine else " |" for b in baselines)
         print(f"| {s.gguf.path.name} | {size_mib:.1f} MiB | {r.engine} | {args.threads} | {r.test} | "
               f"{r.median:.2f} ± {r.stdev:.2f} |{extra}")
     if share is not None:
