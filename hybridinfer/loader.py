@@ -124,6 +124,11 @@ class Matrix:
         else:
             kernels.matmul(self.qtype, self.data, x, out)
 
+    @property
+    def operand(self) -> tuple[GGMLQuantizationType, int, np.ndarray]:
+        """(qtype, input rounding kind, blocks): the matrix as kernels.AttentionDecoder takes it."""
+        return self.qtype, DOT_ROUNDING[self.qtype], self.data
+
     def gather(self, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out[n] = W[rows] @ x for one token x[1, n_in]: rows int32[n]."""
         kernels.gather_matvec(self.qtype, self.data, rows, round_input(self.qtype, x)[0], out)

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from hybridinfer.errors import HybridInferError
+from kernels import AttentionDecoder
 from kernels.ops import attention, rms_norm, rope
 from hybridinfer.ffn import DenseFFN
 from hybridinfer.gguf_file import GGUFFile
@@ -43,6 +44,12 @@ class Transformer:
         angles = np.outer(np.arange(n_ctx), inv_freq)  # [n_ctx, rope_dim/2]
         self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         self.eps = np.float32(args.norm_eps)
+        # decoding one token: each layer's attention block in one kernel call
+        self.attention_decoders = [
+            AttentionDecoder(blk.attn_norm, self.eps, blk.attn_q.operand, blk.attn_k.operand, blk.attn_v.operand,
+                             blk.attn_output.operand, args.n_head, self.cos, self.sin, self.s.k_cache[i],
+                             self.s.v_cache[i])
+            for i, blk in enumerate(weights.blk)]
 
     def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
         """Logits [T, n_vocab] (or [1, n_vocab] for the last token) after feeding tokens at pos..
@@ -63,27 +70,36 @@ class Transformer:
                 out[i:i + len(logits)] = logits
         return out if all_logits else logits
 
-    def _step(self, tokens: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
-        a, s, T = self.args, self.s, len(tokens)
+    def _attention(self, i: int, blk, pos: int, T: int) -> None:
+        """Attention for T tokens at pos..: rmsnorm, q/k/v, RoPE, cache, causal GQA, output projection,
+        residual (for one token, AttentionDecoder runs the same steps in one kernel call)."""
+        a, s = self.args, self.s
         x, xn, y = s.x[:T], s.xn[:T], s.y[:T]
         # per-head views: q, att [T, n_head, head_dim]; k, v [T, n_head_kv, head_dim]
         q, k, v, att = s.q[:T], s.k[:T], s.v[:T], s.att[:T]
         q3, att3 = q.reshape(T, a.n_head, a.head_dim), att.reshape(T, a.n_head, a.head_dim)
         k3, v3 = k.reshape(T, a.n_head_kv, a.head_dim), v.reshape(T, a.n_head_kv, a.head_dim)
+        rms_norm(x, blk.attn_norm, self.eps, xn)
+        blk.attn_q(xn, q)
+        blk.attn_k(xn, k)
+        blk.attn_v(xn, v)
+        rope(q3, k3, pos, self.cos, self.sin)
+        # the cache holds f16-rounded values, as llama.cpp's f16 cache does: [n_kv, n_ctx, hd]
+        s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2).astype(np.float16)
+        s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2).astype(np.float16)
+        attention(q3, s.k_cache[i], s.v_cache[i], pos, att3, s.scores)
+        blk.attn_output(att, y)
+        x += y
+
+    def _step(self, tokens: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
+        s, T = self.s, len(tokens)
+        x, xn, y = s.x[:T], s.xn[:T], s.y[:T]
         self.w.token_embd.rows(tokens, x)
         for i, blk in enumerate(self.w.blk):
-            # attention: rmsnorm, q/k/v, RoPE, cache, causal GQA, output projection, residual
-            rms_norm(x, blk.attn_norm, self.eps, xn)
-            blk.attn_q(xn, q)
-            blk.attn_k(xn, k)
-            blk.attn_v(xn, v)
-            rope(q3, k3, pos, self.cos, self.sin)
-            # the cache holds f16-rounded values, as llama.cpp's f16 cache does: [n_kv, n_ctx, hd]
-            s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2).astype(np.float16)
-            s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2).astype(np.float16)
-            attention(q3, s.k_cache[i], s.v_cache[i], pos, att3, s.scores)
-            blk.attn_output(att, y)
-            x += y
+            if T == 1:
+                self.attention_decoders[i](x, pos)
+            else:
+                self._attention(i, blk, pos, T)
             # FFN: rmsnorm, then the FFN strategy (dense or sparse), residual
             rms_norm(x, blk.ffn_norm, self.eps, xn)
             self.ffn(i, blk, x, xn, y)

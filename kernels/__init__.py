@@ -22,7 +22,7 @@ from .config import drop_stale_cache
 
 drop_stale_cache()  # before any kernel loads its cache
 
-from . import cpu, sparse  # noqa: E402
+from . import cpu, decode, sparse  # noqa: E402
 
 SUPPORTED_TYPES = frozenset({
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -151,6 +151,48 @@ def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float,
     _no_overlap(out, x)
     sparse.sparse_ffn((int(gate_up[0]), _readonly(gate_up[1])), (int(down[0]), _readonly(down[1])), int(act_kind),
                       np.float32(act_threshold), idx, x, out, _n_chunks)
+
+
+class AttentionDecoder:
+    """One layer's attention block for one token, in one kernel call (kernels/decode.py): x[1, n_embd] +=
+    attn_output(attention) of the token at pos, its k and v stored f16-rounded in the layer's cache.
+
+    Every shape is checked here, once: the weights (qtype, input rounding kind of ops.DOT_ROUNDING, w)
+    of q [n_head * hd, n_embd], k and v [n_head_kv * hd, n_embd] and output [n_embd, n_head * hd],
+    norm [n_embd], cos and sin
+    [n_ctx, rope_dim / 2] and the caches [n_head_kv, n_ctx, hd] (float32, C-contiguous, writable).
+    A call checks x and pos.
+    """
+
+    def __init__(self, norm, eps, wq, wk, wv, wo, n_head: int, cos, sin, k_cache, v_cache):
+        n_kv, n_ctx, hd = k_cache.shape
+        n_embd = _weight(wq[0], wq[2])
+        for w, name, n_in, n_out in ((wq, "q", n_embd, n_head * hd), (wk, "k", n_embd, n_kv * hd),
+                                     (wv, "v", n_embd, n_kv * hd), (wo, "output", n_head * hd, n_embd)):
+            if _weight(w[0], w[2]) != n_in or w[2].shape[0] != n_out:
+                raise ValueError(f"attention {name} weight is {w[2].shape[0]} x {_weight(w[0], w[2])}, expected "
+                                 f"{n_out} x {n_in}")
+        if n_head % n_kv or cos.shape != sin.shape or cos.shape[0] != n_ctx or 2 * cos.shape[1] > hd:
+            raise ValueError(f"{n_head} heads, {n_kv} kv heads of {hd}, rope tables {cos.shape} and {sin.shape} "
+                             f"for a context of {n_ctx} do not fit together")
+        _vector(norm, n_embd, "norm", "n_embd")
+        for a, name in ((cos, "cos"), (sin, "sin"), (k_cache, "k_cache"), (v_cache, "v_cache")):
+            _matrix(a.reshape(len(a), -1), len(a), a[0].size, name, "(see AttentionDecoder)", writable=name[1] == "_")
+        if v_cache.shape != k_cache.shape:
+            raise ValueError(f"v_cache {v_cache.shape} differs from k_cache {k_cache.shape}")
+        shapes = ((1, n_embd), (1, n_head, hd), (1, n_kv, hd), (1, n_kv, hd), (1, n_head, hd), (n_embd,),
+                  (max(n_embd, n_head * hd),), (n_head, n_ctx))  # xn, q, k, v, att, y, rounded input, scores
+        scratch = tuple(np.zeros(shape, np.float32) for shape in shapes)
+        self.n_embd, self.n_ctx = n_embd, n_ctx
+        weights = tuple((int(q), int(kind), _readonly(w)) for q, kind, w in (wq, wk, wv, wo))
+        self._args = (norm, np.float32(eps), *weights)
+        self._rest = (cos, sin, k_cache, v_cache, scratch)
+
+    def __call__(self, x: np.ndarray, pos: int) -> None:
+        _matrix(x, 1, self.n_embd, "x", "(1, n_embd)", writable=True)
+        if not 0 <= pos < self.n_ctx:
+            raise ValueError(f"position {pos} is outside the cache of {self.n_ctx}")
+        decode.attention_decode(x, *self._args, pos, *self._rest, _n_chunks)
 
 
 # ---- checks (messages are built only on failure: these run ~200 times per token) ---------------

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
 from kernels.config import HELPER, KERNEL, SERIAL_KERNEL
+from kernels.simd import LANES, NATIVE_HALF, load_f32, round_half, store_f32
 
 SILU, RELU, FATRELU = 0, 1, 2
 
@@ -177,6 +178,16 @@ def quantize_q8_0(x, offset, xq, xd, xs, bias):
     xd[n_blocks:] = 0.0
     xs[n_blocks:] = 0.0
     bias[8 * n_blocks:] = 0
+
+
+@njit(**HELPER)
+def store_half_rounded(src, dst):
+    """dst[n] = src[n] rounded to IEEE half (nearest, ties to even), as float32: what an f16 cache keeps."""
+    n = src.shape[0] // LANES * LANES if NATIVE_HALF else 0
+    for i in range(0, n, LANES):
+        store_f32(dst, i, round_half(load_f32(src, i)))
+    for i in range(n, src.shape[0]):
+        dst[i] = _round_mantissa(src[i], 10, -13)
 
 
 @njit(**SERIAL_KERNEL)

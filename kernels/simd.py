@@ -110,6 +110,7 @@ def _native_half_conversion() -> bool:
 
 
 _NATIVE_HALF = _native_half_conversion()
+NATIVE_HALF = _NATIVE_HALF  # whether round_half may be used
 
 
 def _has_vnni() -> bool:
@@ -252,6 +253,18 @@ def half_to_f32(typingctx, v):
 
     def codegen(context, builder, sig, args):
         return _half_to_f32(builder, args[0])
+    return f32x16(v), codegen
+
+
+@intrinsic
+def round_half(typingctx, v):
+    """F32x16 of the lanes rounded to IEEE half (nearest, ties to even) and back: one conversion each
+    way, so only where NATIVE_HALF (elsewhere LLVM would call a library function the JIT may lack)."""
+    if v != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.VectorType(ir.HalfType(), LANES)), _VF)
     return f32x16(v), codegen
 
 

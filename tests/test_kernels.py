@@ -229,3 +229,28 @@ def test_quantize_equals_gguf_byte_for_byte(qtype):
     for v in (values, np.ascontiguousarray(values[:, :64].T).T, values.T.copy().T):
         expected = quantize(np.ascontiguousarray(v), qtype).view(np.uint8).reshape(len(v), -1)
         assert np.array_equal(quant.quantize(v, qtype), expected)
+
+
+def _attention_decoder(n_embd=64, n_head=4, n_kv=2, hd=16, n_ctx=8, wo_rows=64):
+    def weight(n_out, n_in):
+        return Q.F32, 0, np.zeros((n_out, n_in), np.float32).view(np.uint8)
+    tables = np.zeros((n_ctx, hd // 2), np.float32)
+    cache = np.zeros((n_kv, n_ctx, hd), np.float32)
+    return kernels.AttentionDecoder(np.ones(n_embd, np.float32), 1e-5, weight(n_head * hd, n_embd),
+                                    weight(n_kv * hd, n_embd), weight(n_kv * hd, n_embd), weight(wo_rows, n_head * hd),
+                                    n_head, tables, tables, cache, cache.copy())
+
+
+def test_attention_decoder_checks_shapes_once_and_positions_per_call():
+    decoder = _attention_decoder()
+    x = np.ones((1, 64), np.float32)
+    decoder(x, 7)
+    assert np.isfinite(x).all()
+    with pytest.raises(ValueError, match="position 8 is outside the cache of 8"):
+        decoder(x, 8)
+    with pytest.raises(ValueError, match="x must be a float32 array of shape"):
+        decoder(np.ones((1, 32), np.float32), 0)
+    with pytest.raises(ValueError, match="attention output weight is 32 x 64, expected 64 x 64"):
+        _attention_decoder(wo_rows=32)
+    with pytest.raises(ValueError, match="do not fit together"):
+        _attention_decoder(n_head=3)

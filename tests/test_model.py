@@ -70,6 +70,25 @@ def test_prefill_equals_token_by_token(tiny, rounding):
     assert_close_logits(stepped, batched, rounding)
 
 
+def test_attention_decoder_equals_the_composed_steps(tiny_file, rounding):
+    """One token's attention block in one kernel call gives the bits of the steps the batch path composes."""
+    tokens = tiny_tokens(12)
+    results = []
+    for fused in (True, False):
+        _, model = load_model(tiny_file, n_ctx=16)
+        model.forward(tokens[:11], 0)  # fill the cache
+        x = model.s.x[:1]
+        x[:] = np.random.default_rng(2).standard_normal(x.shape)
+        for i, blk in enumerate(model.w.blk):
+            if fused:
+                model.attention_decoders[i](x, 11)
+            else:
+                model._attention(i, blk, 11, 1)
+        results.append((x.copy(), model.s.k_cache[:, :, :12].copy(), model.s.v_cache[:, :, :12].copy()))
+    for fused, composed in zip(*results):
+        np.testing.assert_array_equal(fused, composed)
+
+
 def test_prefill_in_micro_batches_equals_one_batch(tiny_file, rounding):
     tokens = tiny_tokens(100)
     _, whole = load_model(tiny_file, n_ctx=128)
