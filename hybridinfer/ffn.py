@@ -43,6 +43,7 @@ class DenseFFN:
 
     def __init__(self, args: ModelArgs, n_batch: int):
         self.act = args.ffn_act
+        self.kind = ACT_KIND[self.act.kind]
         self.gate = np.zeros((n_batch, args.n_ff), np.float32)
         self.up = np.zeros((n_batch, args.n_ff), np.float32)
 
@@ -62,7 +63,6 @@ class ExactSparseFFN(DenseFFN):
         super().__init__(args, n_batch)
         self.stats = stats
         self.idx = np.zeros(args.n_ff, np.int32)
-        self.kind = ACT_KIND[self.act.kind]
 
     def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         if len(xn) > 1:
@@ -99,7 +99,6 @@ class PredictedFFN(DenseFFN):
         self.down_t: list[Matrix] = [neuron_major(blk.ffn_down) for blk in blocks]  # [n_ff, n_embd] each
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.idx = np.zeros(args.n_ff, np.int32)
-        self.kind = ACT_KIND[self.act.kind]
         self.decoded = [0, 0]  # neurons computed, neurons there were: over all decode steps and layers
 
     @property

@@ -159,8 +159,8 @@ class AttentionDecoder:
 
     Every shape is checked here, once: the weights (qtype, input rounding kind of ops.DOT_ROUNDING, w)
     of q [n_head * hd, n_embd], k and v [n_head_kv * hd, n_embd] and output [n_embd, n_head * hd],
-    norm [n_embd], cos and sin
-    [n_ctx, rope_dim / 2] and the caches [n_head_kv, n_ctx, hd] (float32, C-contiguous, writable).
+    norm [n_embd], cos and sin [n_ctx, rope_dim / 2] and the caches [n_head_kv, n_ctx, hd] (float32,
+    C-contiguous, the caches writable).
     A call checks x and pos.
     """
 
@@ -176,8 +176,9 @@ class AttentionDecoder:
             raise ValueError(f"{n_head} heads, {n_kv} kv heads of {hd}, rope tables {cos.shape} and {sin.shape} "
                              f"for a context of {n_ctx} do not fit together")
         _vector(norm, n_embd, "norm", "n_embd")
-        for a, name in ((cos, "cos"), (sin, "sin"), (k_cache, "k_cache"), (v_cache, "v_cache")):
-            _matrix(a.reshape(len(a), -1), len(a), a[0].size, name, "(see AttentionDecoder)", writable=name[1] == "_")
+        for a, name, written in ((cos, "cos", False), (sin, "sin", False), (k_cache, "k_cache", True),
+                                 (v_cache, "v_cache", True)):
+            _matrix(a.reshape(len(a), -1), len(a), a[0].size, name, "(see AttentionDecoder)", writable=written)
         if v_cache.shape != k_cache.shape:
             raise ValueError(f"v_cache {v_cache.shape} differs from k_cache {k_cache.shape}")
         shapes = ((1, n_embd), (1, n_head, hd), (1, n_kv, hd), (1, n_kv, hd), (1, n_head, hd), (n_embd,),

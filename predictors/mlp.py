@@ -1,9 +1,9 @@
 """The runtime predictor: per layer logits = fc2 @ relu(fc1 @ x), a neuron active when logit >= threshold.
 
 NumPy and the project's kernels only (no torch, nothing from the engine). The weights run through
-kernels.mlp_select (decode, one call) / kernels.matmul as F16, as stored, or quantised at load to Q8_0 (half the bytes
-read per token) or Q4_0 (about a quarter; see PREDICTOR_QTYPES). Scratch buffers are allocated once: the decode call,
-active_indices, allocates only its result.
+kernels.mlp_select (decode, one call) and kernels.matmul (batches) as F16, as stored, or quantised
+at load to Q8_0 (half the bytes read per token) or Q4_0 (about a quarter; see PREDICTOR_QTYPES).
+Scratch buffers are allocated once: the decode call, active_indices, allocates only its result.
 """
 
 from pathlib import Path
@@ -29,7 +29,6 @@ class _Layer:
         self.threshold = np.float32(threshold)
         self.fc1 = _operand(fc1, qtype)
         self.fc2 = _operand(fc2, qtype)
-        self.h = np.empty(self.rank, np.float32)  # decode scratch: relu(fc1 @ x)
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +59,6 @@ class PredictorSet:
         self.layers = [_Layer(w1, w2, t, PREDICTOR_QTYPES[qtype])
                        for w1, w2, t in zip(weights.fc1, weights.fc2, weights.thresholds)]
         self._alloc(max(n_batch, 1))
-        self._logits1 = np.empty(self.n_ff, np.float32)  # decode scratch
         self._idx = np.empty(self.n_ff, np.int32)
 
     def _alloc(self, n: int) -> None:
@@ -131,5 +129,5 @@ class PredictorSet:
     def active_indices(self, layer: int, resid_vec: np.ndarray) -> np.ndarray:
         """Sorted int32 indices of the neurons predicted active for one token resid_vec f32 [n_embd]."""
         L = self.layers[layer]
-        n = kernels.mlp_select(L.fc1, L.fc2, L.threshold, resid_vec, L.h, self._logits1, self._idx)
+        n = kernels.mlp_select(L.fc1, L.fc2, L.threshold, resid_vec, self._h[:L.rank], self._logits[0], self._idx)
         return self._idx[:n].copy()
