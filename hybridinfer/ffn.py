@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 
-import kernels
-from predictors import PredictorSet, SparsityStats
+from hybridinfer import kernels
+from hybridinfer.predictors import PredictorSet, SparsityStats
 from hybridinfer.errors import HybridInferError
 from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, interleaved_rows, neuron_major, round_input
-from kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
+from hybridinfer.kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
 
 ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
 

@@ -6,12 +6,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 
-import kernels
-from kernels import quant
+from hybridinfer import kernels
+from hybridinfer.kernels import quant
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile, TensorInfo
-from kernels.ops import DOT_ROUNDING, ROUND_NONE, ROUND_Q8_0, round_for_dot
-from predictors.format import Fingerprint, fingerprint
+from hybridinfer.kernels.ops import DOT_ROUNDING, ROUND_NONE, ROUND_Q8_0, round_for_dot
+from hybridinfer.predictors.format import Fingerprint, fingerprint
 
 ACTIVATIONS = ("silu", "relu", "fatrelu")
 

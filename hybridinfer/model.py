@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 
 from hybridinfer.errors import HybridInferError
-from kernels import AttentionDecoder
-from kernels.ops import attention, rms_norm, rope
+from hybridinfer.kernels import AttentionDecoder
+from hybridinfer.kernels.ops import attention, rms_norm, rope
 from hybridinfer.ffn import DenseFFN
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import FFNActivation, ModelArgs, Weights, load_weights

@@ -9,9 +9,9 @@ as ggml rounds it for that type (ops.DOT_ROUNDING) unless the kernel quantises i
 
 from numba import njit
 
-from kernels.config import HELPER, SERIAL_KERNEL
-from kernels.cpu import matvec
-from kernels.ops import ROUND_NONE, ROUND_Q8_0, attention, rms_norm, rope, round_for_dot, store_half_rounded
+from hybridinfer.kernels.config import HELPER, SERIAL_KERNEL
+from hybridinfer.kernels.cpu import matvec
+from hybridinfer.kernels.ops import ROUND_NONE, ROUND_Q8_0, attention, rms_norm, rope, round_for_dot, store_half_rounded
 
 
 @njit(**HELPER)

@@ -8,8 +8,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
-from kernels.config import HELPER, KERNEL, SERIAL_KERNEL
-from kernels.simd import LANES, NATIVE_HALF, load_f32, round_half, store_f32
+from hybridinfer.kernels.config import HELPER, KERNEL, SERIAL_KERNEL
+from hybridinfer.kernels.simd import LANES, NATIVE_HALF, load_f32, round_half, store_f32
 
 SILU, RELU, FATRELU = 0, 1, 2
 

@@ -11,10 +11,10 @@ and index ranges.
 import numpy as np
 from numba import njit, prange
 
-from kernels.config import HELPER, KERNEL, SERIAL_KERNEL
-from kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers, with_format
-from kernels.ops import act
-from kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
+from hybridinfer.kernels.config import HELPER, KERNEL, SERIAL_KERNEL
+from hybridinfer.kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers, with_format
+from hybridinfer.kernels.ops import act
+from hybridinfer.kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
 
 
 @njit(**HELPER)

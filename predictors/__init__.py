@@ -5,9 +5,9 @@ predictor) and ``stats`` (recall / sparsity bookkeeping) import nothing from the
 imports them. ``collect``, ``train`` and ``evaluate`` drive the engine and need torch for training.
 """
 
-from predictors.format import Fingerprint, PredictorError, PredictorWeights, fingerprint, load, save
-from predictors.mlp import PredictorSet
-from predictors.stats import SparsityStats
+from hybridinfer.predictors.format import Fingerprint, PredictorError, PredictorWeights, fingerprint, load, save
+from hybridinfer.predictors.mlp import PredictorSet
+from hybridinfer.predictors.stats import SparsityStats
 
 __all__ = ["Fingerprint", "PredictorError", "PredictorWeights", "PredictorSet", "SparsityStats",
            "fingerprint", "load", "save"]

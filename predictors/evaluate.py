@@ -5,7 +5,7 @@ then zeroes act(gate) * up outside the predicted set P before the down projectio
 what a predicted-sparse FFN must produce; it also counts true and predicted sets for the table.
 It is for measuring quality, not speed.
 
-    python -m predictors.evaluate MODEL.gguf DIR -f TEXT [-c 256]
+    python -m hybridinfer.predictors.evaluate MODEL.gguf DIR -f TEXT [-c 256]
 """
 
 import argparse
@@ -24,9 +24,9 @@ from hybridinfer.perplexity import perplexity
 from hybridinfer.tokenizer import Tokenizer
 from hybridinfer.ffn import active_mask
 from hybridinfer.loader import model_fingerprint
-from predictors.format import PredictorError
-from predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES, PredictorSet
-from predictors.stats import SparsityStats
+from hybridinfer.predictors.format import PredictorError
+from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES, PredictorSet
+from hybridinfer.predictors.stats import SparsityStats
 
 
 class MaskedFFN:
@@ -77,7 +77,7 @@ def evaluate(model_path: Path, predictor_dir: Path, text_path: Path, n_ctx: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m predictors.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hybridinfer.predictors.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)
     p.add_argument("predictor", type=Path, help="predictor directory")
     p.add_argument("-f", "--file", type=Path, required=True, help="text to score (not the training text)")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-import kernels
-from kernels import quant
-from predictors.format import Fingerprint, PredictorError, PredictorWeights, load
+from hybridinfer import kernels
+from hybridinfer.kernels import quant
+from hybridinfer.predictors.format import Fingerprint, PredictorError, PredictorWeights, load
 
 F16, Q8_0, Q4_0 = GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
 PREDICTOR_QTYPES = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}

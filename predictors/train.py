@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from predictors.collect import Collection, progress_bar
-from predictors.format import Fingerprint, PredictorWeights
-from predictors.mlp import PredictorSet
-from predictors.stats import SparsityStats
+from hybridinfer.predictors.collect import Collection, progress_bar
+from hybridinfer.predictors.format import Fingerprint, PredictorWeights
+from hybridinfer.predictors.mlp import PredictorSet
+from hybridinfer.predictors.stats import SparsityStats
 
 CALIBRATION_SHARE = 0.10  # of the chunks: thresholds and epoch choice
 VALIDATION_SHARE = 0.05  # of the chunks: the reported table

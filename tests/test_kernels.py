@@ -6,8 +6,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-import kernels
-from kernels import reference, simd
+from hybridinfer import kernels
+from hybridinfer.kernels import reference, simd
 
 rng = np.random.default_rng(0)
 FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
@@ -217,7 +217,7 @@ def test_bad_input_raises_value_error():
 def test_quantize_equals_gguf_byte_for_byte(qtype):
     """kernels.quant.quantize against the gguf package on random rows, a zero block, equal values,
     values on rounding ties, tiny and huge scales, and a transposed (strided) input."""
-    from kernels import quant
+    from hybridinfer.kernels import quant
 
     values = rng.standard_normal((40, 96)).astype(np.float32)
     values[0] = 0.0

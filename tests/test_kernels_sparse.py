@@ -7,10 +7,10 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import dequantize, quantize
 
-import kernels
-from kernels import reference
-from kernels.ops import FATRELU, RELU, SILU
-from kernels.sparse import select_active
+from hybridinfer import kernels
+from hybridinfer.kernels import reference
+from hybridinfer.kernels.ops import FATRELU, RELU, SILU
+from hybridinfer.kernels.sparse import select_active
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 

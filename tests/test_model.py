@@ -9,7 +9,7 @@ from hybridinfer.model import load_model
 from hybridinfer.perplexity import perplexity
 import llama_reference
 from hybridinfer import loader
-from kernels.ops import ROUND_NONE
+from hybridinfer.kernels.ops import ROUND_NONE
 from llama_reference import ReferenceLlama
 from make_gguf import write_llama_gguf
 

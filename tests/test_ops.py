@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kernels import ops
+from hybridinfer.kernels import ops
 
 rng = np.random.default_rng(0)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from predictors.format import (CONFIG, WEIGHTS, Fingerprint, PredictorError, PredictorWeights, fingerprint, load,
+from hybridinfer.predictors.format import (CONFIG, WEIGHTS, Fingerprint, PredictorError, PredictorWeights, fingerprint, load,
                                save)
-from predictors.mlp import PredictorSet
-from predictors.stats import SparsityStats
+from hybridinfer.predictors.mlp import PredictorSet
+from hybridinfer.predictors.stats import SparsityStats
 
 N_LAYER, N_EMBD, N_FF, RANK = 3, 64, 96, 16
 SHAPES = {"token_embd.weight": (N_EMBD, 300), "blk.0.ffn_gate.weight": (N_EMBD, N_FF), "output_norm.weight": (N_EMBD,)}
@@ -307,7 +307,7 @@ def test_fingerprint_ignores_quant_type(tmp_path):
 
 def test_recording_ffn_records_true_set(relu_model):
     from hybridinfer.model import load_model
-    from predictors.collect import RecordingFFN
+    from hybridinfer.predictors.collect import RecordingFFN
     _, model = load_model(relu_model, 32)
     tokens = np.arange(3, 20)
     dense = model.forward(tokens, 0, all_logits=True).copy()
@@ -318,7 +318,7 @@ def test_recording_ffn_records_true_set(relu_model):
     assert np.array_equal(model.forward(tokens, 0, all_logits=True), dense)  # outputs unchanged
     blk = model.w.blk[1]
     resid, mask = seen[1]
-    from kernels.ops import rms_norm
+    from hybridinfer.kernels.ops import rms_norm
     xn = np.empty_like(resid)
     rms_norm(resid, blk.ffn_norm, model.eps, xn)
     gate = np.empty((len(xn), model.args.n_ff), np.float32)
@@ -328,7 +328,7 @@ def test_recording_ffn_records_true_set(relu_model):
 
 def test_masked_ffn_with_all_active_predictor_is_dense(relu_model):
     from hybridinfer.model import load_model
-    from predictors.evaluate import MaskedFFN
+    from hybridinfer.predictors.evaluate import MaskedFFN
     _, model = load_model(relu_model, 32)
     tokens = np.arange(3, 25)
     dense = model.forward(tokens, 0, all_logits=True).copy()
@@ -350,14 +350,14 @@ def test_collect_refuses_silu(tmp_path):
 
     from hybridinfer.errors import HybridInferError
     from hybridinfer.model import load_model
-    from predictors.collect import RecordingFFN
+    from hybridinfer.predictors.collect import RecordingFFN
     _, model = load_model(write_llama_gguf(tmp_path / "silu.gguf", ffn_act=None), 32)
     with pytest.raises(HybridInferError, match="no exact zeros"):
         RecordingFFN(model.ffn, model.args, 4)
 
 
 def test_plan_chunks():
-    from predictors.collect import plan_chunks
+    from hybridinfer.predictors.collect import plan_chunks
     a, b = list(range(1000)), list(range(300))
     # budget split evenly, files interleaved, chunks of n_ctx with room for BOS
     assert plan_chunks([a, b], 1024, 256, bos_id=1) == [(0, 0, 256), (1, 0, 256), (0, 255, 256), (0, 510, 256)]
@@ -369,7 +369,7 @@ def test_plan_chunks():
 def test_collect_writes_memmaps(relu_model, tmp_path):
     from hybridinfer.model import load_model
     from hybridinfer.tokenizer import Tokenizer
-    from predictors.collect import Collection, collect
+    from hybridinfer.predictors.collect import Collection, collect
     gguf, model = load_model(relu_model, 32)
     text = tmp_path / "t.txt"
     text.write_text("the a and then there in her " * 40)

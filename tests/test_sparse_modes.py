@@ -10,7 +10,7 @@ from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import ModelArgs, load_weights
 from hybridinfer.model import N_BATCH, Transformer
 from make_gguf import write_llama_gguf
-from predictors import PredictorSet, SparsityStats
+from hybridinfer.predictors import PredictorSet, SparsityStats
 
 
 def build(path, mode, predictor=None, stats=None, n_ctx=64):

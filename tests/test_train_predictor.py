@@ -13,8 +13,8 @@ from train_predictor import main  # noqa: E402  (tools/ is on sys.path, see conf
 from hybridinfer.gguf_file import GGUFFile  # noqa: E402
 from hybridinfer.loader import ModelArgs  # noqa: E402
 from hybridinfer.loader import model_fingerprint  # noqa: E402
-from predictors.format import CONFIG, WEIGHTS, load  # noqa: E402
-from predictors.mlp import PredictorSet  # noqa: E402
+from hybridinfer.predictors.format import CONFIG, WEIGHTS, load  # noqa: E402
+from hybridinfer.predictors.mlp import PredictorSet  # noqa: E402
 
 N_FF = 128
 

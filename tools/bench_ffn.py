@@ -16,11 +16,11 @@ import time
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-import kernels
+from hybridinfer import kernels
 from hybridinfer.ffn import make_ffn
 from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs
-from predictors import PredictorSet
-from predictors.mlp import PREDICTOR_QTYPES
+from hybridinfer.predictors import PredictorSet
+from hybridinfer.predictors.mlp import PREDICTOR_QTYPES
 
 
 def random_matrix(rng, qtype: GGMLQuantizationType, n_in: int, n_out: int, scale: float = 0.01) -> Matrix:

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
-from kernels import cpu  # noqa: E402
+from hybridinfer import kernels
+from hybridinfer.kernels import cpu
 
 BIG = (11008, 4096)
 SMALL = [(576, 576), (576, 1536), (1536, 576), (49152, 576)]  # SmolLM2: attn, ffn_down, ffn_up, output

@@ -22,7 +22,7 @@ from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.ffn import make_ffn
 from hybridinfer.loader import ModelArgs, load_weights
 from hybridinfer.model import Transformer
-from predictors import PredictorSet, PredictorWeights, fingerprint, save
+from hybridinfer.predictors import PredictorSet, PredictorWeights, fingerprint, save
 
 Q4_0 = GGMLQuantizationType.Q4_0
 SCALE = 0.002  # every block's scale: keeps activations finite over 32 layers

@@ -20,14 +20,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hybridinfer.cli import OneLineParser  # noqa: E402
-from hybridinfer.commands.common import ffn_act_arg, float_in, int_at_least  # noqa: E402
+from hybridinfer.cli import OneLineParser
+from hybridinfer.commands.common import ffn_act_arg, float_in, int_at_least
 
 try:
-    from predictors.train import TrainOptions  # noqa: E402
+    from hybridinfer.predictors.train import TrainOptions
 except ModuleNotFoundError as e:
     if e.name != "torch":
         raise
@@ -83,16 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    import kernels
+    from hybridinfer import kernels
     from hybridinfer.errors import HybridInferError
     from hybridinfer.gguf_file import GGUFFile
     from hybridinfer.loader import ModelArgs
     from hybridinfer.model import load_model
     from hybridinfer.tokenizer import Tokenizer
     from hybridinfer.loader import model_fingerprint
-    from predictors.collect import Collection, collect
-    from predictors.format import PredictorError, save
-    from predictors.train import split_chunks, train
+    from hybridinfer.predictors.collect import Collection, collect
+    from hybridinfer.predictors.format import PredictorError, save
+    from hybridinfer.predictors.train import split_chunks, train
 
     start = time.perf_counter()
     try:

@@ -7,14 +7,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import kernels
+from hybridinfer import kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import FFNActivation, ModelArgs, load_weights, model_fingerprint
 from hybridinfer.ffn import SPARSE_MODES, make_ffn
 from hybridinfer.model import N_BATCH, Transformer
-from predictors import PredictorError, PredictorSet, SparsityStats
-from predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
+from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats
+from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"

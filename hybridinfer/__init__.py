@@ -1,0 +1,1 @@
+"""hybridinfer: sparse-activation LLM inference on GGUF files (see README.md)."""
