@@ -5,6 +5,7 @@ string of the vocabulary and takes about 5 s on a 49k-token vocabulary; this tak
 Constants, quant block sizes and dequantization still come from the ``gguf`` package.
 """
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from hybridinfer.errors import HybridInferError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
 
 _SCALARS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -102,35 +104,48 @@ class GGUFFile:
         self.metadata: dict[str, object] = {}
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.metadata:
+                raise HybridInferError(f"'{self.path}': metadata key '{key}' appears twice: the file is damaged")
             self.metadata[key] = cur.value(cur.unpack("<I"))
-        infos = []
+        infos = {}
         for _ in range(n_tensors):
             name = cur.string()
             n_dims = cur.unpack("<I")
-            dims = cur.unpack(f"<{n_dims}Q")
-            shape = dims if n_dims > 1 else (dims,)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise HybridInferError(f"'{self.path}': tensor {name} has {n_dims} dimensions, expected 1 to "
+                                       f"{MAX_DIMS}: the file is damaged")
+            shape = cur.unpack(f"<{n_dims}Q")
+            shape = shape if n_dims > 1 else (shape,)
             qtype, offset = cur.unpack("<IQ")
-            infos.append((name, qtype, shape, offset))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+            if name in infos:
+                raise HybridInferError(f"'{self.path}': tensor {name} appears twice: the file is damaged")
+            infos[name] = (qtype, shape, offset)
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
+            raise HybridInferError(f"'{self.path}': general.alignment is {alignment!r}, expected a power of two: "
+                                   f"the file is damaged")
         data_start = -(-cur.pos // alignment) * alignment
         buf = np.frombuffer(self._map, np.uint8)
-        self.tensors = {info[0]: self._tensor(buf, data_start, *info) for info in infos}
+        self.tensors = {name: self._tensor(buf, data_start, alignment, name, *info) for name, info in infos.items()}
 
-    def _tensor(self, buf: np.ndarray, data_start: int, name: str, qtype: int, shape: tuple[int, ...],
-                offset: int) -> TensorInfo:
+    def _tensor(self, buf: np.ndarray, data_start: int, alignment: int, name: str, qtype: int,
+                shape: tuple[int, ...], offset: int) -> TensorInfo:
         try:
             qtype = GGMLQuantizationType(qtype)
-        except ValueError:
+            block_size, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
             raise HybridInferError(f"'{self.path}': tensor {name} has unknown type {qtype}") from None
-        block_size, type_size = GGML_QUANT_SIZES[qtype]
-        if shape[0] % block_size:
-            raise HybridInferError(f"'{self.path}': tensor {name} rows of {shape[0]} are not whole "
-                                   f"{qtype.name} blocks of {block_size}")
+        if min(shape) < 1 or shape[0] % block_size:
+            raise HybridInferError(f"'{self.path}': tensor {name} has shape {list(shape)}, expected sizes of at "
+                                   f"least 1 and rows of whole {qtype.name} blocks of {block_size}")
+        if offset % alignment:
+            raise HybridInferError(f"'{self.path}': tensor {name} starts at offset {offset}, not a multiple of the "
+                                   f"alignment {alignment}: the file is damaged")
         row_bytes = shape[0] // block_size * type_size
-        n_rows = int(np.prod(shape[1:], dtype=np.int64))
+        n_rows = math.prod(shape[1:])  # Python integers: damaged sizes cannot wrap around
         start = data_start + offset
         if start + n_rows * row_bytes > len(buf):
             raise HybridInferError(f"'{self.path}' is truncated: tensor {name} ends at byte "
                                    f"{start + n_rows * row_bytes}, the file has {len(buf)}")
         data = buf[start:start + n_rows * row_bytes].reshape(n_rows, row_bytes)
-        return TensorInfo(name, qtype, tuple(int(d) for d in shape), data)
+        return TensorInfo(name, qtype, shape, data)
