@@ -1,5 +1,6 @@
 """ModelArgs from GGUF metadata and the weights under their GGUF names, with the few fix-ups in one place."""
 
+import math
 import sys
 from dataclasses import dataclass, fields
 
@@ -23,14 +24,17 @@ class FFNActivation:
 
     @classmethod
     def parse(cls, spec: str) -> "FFNActivation":
-        """'silu', 'relu' or 'fatrelu:T' (as given to --ffn-act)."""
+        """'silu', 'relu' or 'fatrelu:T' (as given to --ffn-act), T a finite number >= 0."""
         kind, _, threshold = spec.partition(":")
         if kind not in ACTIVATIONS or (kind == "fatrelu") != bool(threshold):
             raise HybridInferError(f"unknown FFN activation '{spec}': expected silu, relu or fatrelu:T")
         try:
-            return cls(kind, float(threshold or 0.0))
+            value = float(threshold or 0.0)
         except ValueError:
-            raise HybridInferError(f"FFN activation '{spec}': threshold '{threshold}' is not a number") from None
+            value = math.nan
+        if not 0.0 <= value < math.inf:
+            raise HybridInferError(f"FFN activation '{spec}': threshold '{threshold}' is not a finite number >= 0")
+        return cls(kind, value)
 
     @property
     def sparse(self) -> bool:
@@ -39,6 +43,51 @@ class FFNActivation:
 
     def __str__(self) -> str:
         return f"fatrelu:{self.threshold:g}" if self.kind == "fatrelu" else self.kind
+
+
+class _Metadata:
+    """Typed, range-checked reads of GGUF metadata: a damaged or foreign value ends in one error naming
+    the key, the value and what was expected, before anything is sized from it."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def _get(self, key: str, default):
+        value = self.meta.get(key, default)
+        if value is None:
+            raise HybridInferError(f"GGUF metadata lacks '{key}': the file is incomplete")
+        return value
+
+    def _bad(self, key: str, value, expected: str) -> HybridInferError:
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+        return HybridInferError(f"GGUF metadata '{key}' is {shown}, expected {expected}: the file is damaged "
+                                f"or not a llama model this engine can run")
+
+    def int(self, key: str, low: int, high: int, default: int | None = None) -> int:
+        value = self._get(key, default)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+            raise self._bad(key, value, f"an integer in [{low}, {high}]")
+        return int(value)
+
+    def float(self, key: str, low: float, high: float, default: float | None = None, low_open: bool = True) -> float:
+        """A finite number in (low, high], or [low, high] with low_open False."""
+        value = self._get(key, default)
+        if (not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool)
+                or not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high):
+            raise self._bad(key, value, f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]")
+        return float(value)
+
+    def str(self, key: str, default: str | None = None) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise self._bad(key, value, "a string")
+        return value
+
+
+# Bounds on sizes read from metadata: far above any llama model, low enough that nothing sized from them
+# can overflow or ask for absurd memory before the relations below and the memory check have run.
+MAX_LAYERS, MAX_EMBD, MAX_FF, MAX_HEADS, MAX_HEAD_DIM = 1024, 1 << 16, 1 << 20, 1024, 1024
+MAX_CTX, MAX_VOCAB = 1 << 24, 1 << 22
 
 
 @dataclass(frozen=True)
@@ -58,32 +107,44 @@ class ModelArgs:
 
     @classmethod
     def from_metadata(cls, meta: dict, ffn_act: FFNActivation | None = None) -> "ModelArgs":
+        """The model's sizes from GGUF metadata, every value type- and range-checked and the relations
+        between them checked here, once (tensor shapes are checked against them by load_weights)."""
+        m = _Metadata(meta)
         arch = meta.get("general.architecture")
         if arch != "llama":
-            raise HybridInferError(f"architecture '{arch}' is not supported: hybridinfer runs llama-architecture GGUF files")
-
-        def key(name: str, default=None):
-            value = meta.get(f"llama.{name}", default)
-            if value is None:
-                raise HybridInferError(f"GGUF metadata lacks 'llama.{name}': the file is incomplete")
-            return value
-
-        n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
-        head_dim = int(key("attention.key_length", n_embd // n_head))
+            shown = f"'{arch}'" if isinstance(arch, str) else repr(arch)[:40]
+            raise HybridInferError(f"architecture {shown} is not supported: hybridinfer runs llama-architecture "
+                                   f"GGUF files")
+        n_embd = m.int("llama.embedding_length", 1, MAX_EMBD)
+        n_head = m.int("llama.attention.head_count", 1, MAX_HEADS)
+        n_head_kv = m.int("llama.attention.head_count_kv", 1, n_head, n_head)
+        if n_head % n_head_kv:
+            raise HybridInferError(f"GGUF metadata: {n_head} attention heads cannot share {n_head_kv} KV heads "
+                                   f"(not a divisor): the file is damaged")
+        if "llama.attention.key_length" not in meta and n_embd % n_head:
+            raise HybridInferError(f"GGUF metadata: embedding length {n_embd} is not a multiple of the head "
+                                   f"count {n_head} and no llama.attention.key_length is given: the file is damaged")
+        head_dim = m.int("llama.attention.key_length", 1, MAX_HEAD_DIM, n_embd // n_head)
+        m.int("llama.attention.value_length", head_dim, head_dim, head_dim)  # the cache assumes equal sizes
+        rope_dim = m.int("llama.rope.dimension_count", 2, head_dim, head_dim)
+        if rope_dim % 2:
+            raise HybridInferError(f"GGUF metadata 'llama.rope.dimension_count' is {rope_dim}, expected an even "
+                                   f"number (RoPE rotates pairs): the file is damaged")
+        if m.str("llama.rope.scaling.type", "none") != "none":
+            raise HybridInferError(f"RoPE scaling '{meta['llama.rope.scaling.type']}' is not supported")
+        tokens = meta.get("tokenizer.ggml.tokens", ())
         if ffn_act is None:
-            act = meta.get("hybridinfer.ffn_activation", "silu")
-            threshold = meta.get("hybridinfer.ffn_act_threshold")
-            ffn_act = FFNActivation.parse(f"{act}:{threshold}" if act == "fatrelu" else act)
-        scaling = meta.get("llama.rope.scaling.type", "none")
-        if scaling != "none":
-            raise HybridInferError(f"RoPE scaling '{scaling}' is not supported")
+            act = m.str("hybridinfer.ffn_activation", "silu")
+            if act == "fatrelu":
+                act = f"fatrelu:{m.float('hybridinfer.ffn_act_threshold', 0.0, 1e30, 0.0, low_open=False)!r}"
+            ffn_act = FFNActivation.parse(act)
         return cls(
-            n_layer=int(key("block_count")), n_embd=n_embd, n_ff=int(key("feed_forward_length")),
-            n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
-            rope_dim=int(key("rope.dimension_count", head_dim)), rope_base=float(key("rope.freq_base", 10000.0)),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            n_ctx_train=int(key("context_length")),
-            n_vocab=int(meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))),
+            n_layer=m.int("llama.block_count", 1, MAX_LAYERS), n_embd=n_embd,
+            n_ff=m.int("llama.feed_forward_length", 1, MAX_FF), n_head=n_head, n_head_kv=n_head_kv,
+            head_dim=head_dim, rope_dim=rope_dim, rope_base=m.float("llama.rope.freq_base", 0.0, 1e12, 10000.0),
+            norm_eps=m.float("llama.attention.layer_norm_rms_epsilon", 0.0, 1.0, 1e-5),
+            n_ctx_train=m.int("llama.context_length", 1, MAX_CTX),
+            n_vocab=m.int("llama.vocab_size", 1, MAX_VOCAB, len(tokens) if hasattr(tokens, "__len__") else 0),
             ffn_act=ffn_act)
 
 
@@ -158,6 +219,9 @@ class Weights:
     output: Matrix  # [n_vocab, n_embd]; token_embd when the file has no output.weight (tied)
 
 
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)  # norm vectors
+
+
 class _TensorLoader:
     """Turns GGUF tensors into Matrix / vector weights, checking every shape against ModelArgs."""
 
@@ -174,6 +238,9 @@ class _TensorLoader:
         t = self.tensor(name)
         if t.shape != (n,):
             raise HybridInferError(f"tensor {name} has shape {list(t.shape)}, expected [{n}]")
+        if t.qtype not in FLOAT_TYPES:
+            raise HybridInferError(f"tensor {name} is of type {t.qtype.name}, expected a float type "
+                                   f"({', '.join(q.name for q in FLOAT_TYPES)}): the file is damaged")
         return dequantize(t.data.reshape(-1), t.qtype).astype(np.float32).reshape(n)
 
     def matrix(self, name: str, n_in: int, n_out: int) -> Matrix:
