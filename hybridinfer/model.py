@@ -1,5 +1,6 @@
 """The llama forward pass, read top to bottom: embedding, blocks of attention and FFN, output."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +18,32 @@ N_BATCH = 512  # tokens per prefill step, as llama.cpp's default micro-batch
 class RunState:
     """Scratch buffers and KV cache, allocated once; the forward pass takes views of the first T rows."""
 
-    def __init__(self, args: ModelArgs, n_ctx: int, n_batch: int):
+    @staticmethod
+    def shapes(args: ModelArgs, n_ctx: int, n_batch: int) -> dict[str, tuple[int, ...]]:
+        """Each buffer's name and shape (all f32)."""
         e, q, kv = args.n_embd, args.n_head * args.head_dim, args.n_head_kv * args.head_dim
-        self.x = np.zeros((n_batch, e), np.float32)  # residual stream
-        self.xn = np.zeros((n_batch, e), np.float32)  # normed input of attention or FFN
-        self.q = np.zeros((n_batch, q), np.float32)
-        self.k = np.zeros((n_batch, kv), np.float32)
-        self.v = np.zeros((n_batch, kv), np.float32)
-        self.att = np.zeros((n_batch, q), np.float32)  # attention output, before attn_output
-        self.scores = np.zeros((args.n_head, n_ctx), np.float32)  # attention weights of one query
-        self.y = np.zeros((n_batch, e), np.float32)  # block output added to the residual
-        self.logits = np.zeros((n_batch, args.n_vocab), np.float32)
-        # KV cache per layer: [n_head_kv, n_ctx, head_dim]
-        self.k_cache = np.zeros((args.n_layer, args.n_head_kv, n_ctx, args.head_dim), np.float32)
-        self.v_cache = np.zeros((args.n_layer, args.n_head_kv, n_ctx, args.head_dim), np.float32)
+        return {
+            "x": (n_batch, e),  # residual stream
+            "xn": (n_batch, e),  # normed input of attention or FFN
+            "q": (n_batch, q),
+            "k": (n_batch, kv),
+            "v": (n_batch, kv),
+            "att": (n_batch, q),  # attention output, before attn_output
+            "scores": (args.n_head, n_ctx),  # attention weights of one query
+            "y": (n_batch, e),  # block output added to the residual
+            "logits": (n_batch, args.n_vocab),
+            # KV cache per layer: [n_head_kv, n_ctx, head_dim]
+            "k_cache": (args.n_layer, args.n_head_kv, n_ctx, args.head_dim),
+            "v_cache": (args.n_layer, args.n_head_kv, n_ctx, args.head_dim),
+        }
+
+    @classmethod
+    def nbytes(cls, args: ModelArgs, n_ctx: int, n_batch: int) -> int:
+        return 4 * sum(math.prod(shape) for shape in cls.shapes(args, n_ctx, n_batch).values())
+
+    def __init__(self, args: ModelArgs, n_ctx: int, n_batch: int):
+        for name, shape in self.shapes(args, n_ctx, n_batch).items():
+            setattr(self, name, np.zeros(shape, np.float32))
 
 
 class Transformer:
@@ -50,6 +63,17 @@ class Transformer:
                              blk.attn_output.operand, args.n_head, self.cos, self.sin, self.s.k_cache[i],
                              self.s.v_cache[i])
             for i, blk in enumerate(weights.blk)]
+
+    def warm_up(self) -> None:
+        """Run a prefill step of 3 tokens and a decode step on token 0, so that the kernels they call
+        compile (on a first run) or load from numba's cache now, before any text streams. The KV cache
+        rows written are overwritten before they are read (position p attends to positions up to p,
+        which a run writes first); the FFN's statistics and counters are left as they were."""
+        n = min(3, self.n_ctx - 1)
+        with self.ffn.uncounted():
+            if n:
+                self.forward(np.zeros(n, np.int64), 0)
+            self.forward(np.zeros(1, np.int64), n)
 
     def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
         """Logits [T, n_vocab] (or [1, n_vocab] for the last token) after feeding tokens at pos..

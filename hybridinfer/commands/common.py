@@ -7,29 +7,34 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
+
 from hybridinfer import kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import FFNActivation, ModelArgs, load_weights, model_fingerprint
 from hybridinfer.ffn import SPARSE_MODES, make_ffn
-from hybridinfer.model import N_BATCH, Transformer
+from hybridinfer.model import N_BATCH, RunState, Transformer
 from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats
 from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"
 DEFAULT_PREDICTOR = DEFAULT_MODEL.with_suffix("").with_suffix(".predictor")  # used with the default model
-DEFAULT_THREADS = os.cpu_count() or 1
+MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # numba's pool size, fixed when it starts: the machine's cores
+DEFAULT_THREADS = MAX_THREADS
 
 
-def int_at_least(low: int):
+def int_at_least(low: int, high: int | None = None, why: str = ""):
+    """An argument parser for whole numbers in [low, high]; why explains the upper bound."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is out of range (at least {low})")
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"{low} to {high}{why}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({bounds})")
         return value
     return parse
 
@@ -59,10 +64,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
     parser.add_argument("-m", "--model", dest="model_opt", type=Path, metavar="MODEL", help="GGUF file")
     if ctx_default is not None:
         parser.add_argument("-c", "--ctx-size", type=int_at_least(0), default=ctx_default, help=ctx_help)
-    parser.add_argument("-t", "--threads", type=int_at_least(1), default=DEFAULT_THREADS,
+    parser.add_argument("-t", "--threads", type=int_at_least(1, MAX_THREADS, ": this machine's cores"),
+                        default=DEFAULT_THREADS,
                         help=f"threads (default: {DEFAULT_THREADS})")
     parser.add_argument("--ffn-act", type=ffn_act_arg, metavar="silu|relu|fatrelu:T",
-                        help="FFN activation, overriding the file's hybridinfer.ffn_activation (default: silu)")
+                        help="FFN activation (default: the file's hybridinfer.ffn_activation, silu where it has none)")
     parser.add_argument("--sparse", choices=SPARSE_MODES,
                         help="FFN mode (default: predicted with --predictor, else exact for ReLU/FATReLU "
                              "models, else off)")
@@ -96,6 +102,27 @@ def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path |
     return mode
 
 
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (Linux MemAvailable, else physical)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_memory(margs: ModelArgs, n_ctx: int, ctx_flag: str) -> None:
+    """Refuse a context whose KV cache and scratch buffers would not fit, before allocating them."""
+    need, have = RunState.nbytes(margs, n_ctx, N_BATCH), available_memory()
+    if need > have:
+        raise HybridInferError(f"a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB for the KV cache and "
+                               f"scratch buffers, more than the {have / 2**30:.1f} GiB of memory available: "
+                               f"lower {ctx_flag}")
+
+
 def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool = False) -> Session:
     """Open the model the arguments name with n_ctx (or -c; 0 means the model's, capped at 4096).
 
@@ -108,12 +135,14 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
     kernels.set_threads(args.threads)
     gguf = GGUFFile(path)
     margs = ModelArgs.from_metadata(gguf.metadata, args.ffn_act)
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata, n_vocab=margs.n_vocab)
     ctx_size = getattr(args, "ctx_size", 0)
     if ctx_size > margs.n_ctx_train:
         raise HybridInferError(f"-c {ctx_size} is out of range: the model was trained for at most "
                                f"{margs.n_ctx_train} tokens")
+    ctx_flag = "-p/-n" if n_ctx else "-c"
     n_ctx = n_ctx or ctx_size or min(4096, margs.n_ctx_train)
+    _check_memory(margs, n_ctx, ctx_flag)
     if n_ctx > margs.n_ctx_train:
         print(f"notice: a context of {n_ctx} tokens exceeds the model's training context of "
               f"{margs.n_ctx_train}", file=sys.stderr)
