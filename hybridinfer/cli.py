@@ -4,16 +4,16 @@ import argparse
 import sys
 
 from hybridinfer.commands import bench, perplexity, run
-from hybridinfer.errors import HybridInferError
+from hybridinfer.errors import EXIT_INTERRUPTED, HybridInferError
 
 COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench}
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes end in one line naming the problem, exit status 2."""
+    """Usage mistakes end as every other error does: one `error:` line, exit status 1."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

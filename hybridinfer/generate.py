@@ -21,7 +21,7 @@ class Generation:
     prompt_s: float = 0.0  # prefill time
     first_token_s: float = 0.0  # from the start of prefill to the first token's logits
     gen_s: float = 0.0  # decode time: one forward per generated token after the first
-    stopped_by: str = "length"  # "length", "stop token" or "context"
+    stopped_by: str = "length"  # "length", "stop token", "context" or "interrupted" (Ctrl-C)
 
     @property
     def prompt_tps(self) -> float:
@@ -45,28 +45,35 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: list[int], n_pred
     for token in prompt:
         sampler.accept(token)
     start = time.perf_counter()
-    logits = model.forward(np.array(prompt), 0)[-1]
-    out.prompt_s = time.perf_counter() - start
-    pos, decode_start = len(prompt), time.perf_counter()
-    out.first_token_s = decode_start - start
-    while len(out.ids) != n_predict:
-        token = sampler(logits)
-        if token in tokenizer.stop_ids:
-            out.stopped_by = "stop token"
-            break
-        sampler.accept(token)
-        out.ids.append(token)
-        piece = utf8.decode(tokenizer.piece(token))
-        out.text += piece
-        on_text(piece)
-        if len(out.ids) == n_predict:
-            break
-        if pos >= model.n_ctx:
-            out.stopped_by = "context"
-            break
-        logits = model.forward(np.array([token]), pos)[-1]
-        pos += 1
-    out.gen_s = time.perf_counter() - decode_start
+    decode_start = None
+    try:
+        logits = model.forward(np.array(prompt), 0)[-1]
+        decode_start = time.perf_counter()
+        out.prompt_s = out.first_token_s = decode_start - start
+        pos = len(prompt)
+        while len(out.ids) != n_predict:
+            token = sampler(logits)
+            if token in tokenizer.stop_ids:
+                out.stopped_by = "stop token"
+                break
+            sampler.accept(token)
+            out.ids.append(token)
+            piece = utf8.decode(tokenizer.piece(token))
+            out.text += piece
+            on_text(piece)
+            if len(out.ids) == n_predict:
+                break
+            if pos >= model.n_ctx:
+                out.stopped_by = "context"
+                break
+            logits = model.forward(np.array([token]), pos)[-1]
+            pos += 1
+    except KeyboardInterrupt:  # Ctrl-C: keep what was generated, so that its timings can be printed
+        out.stopped_by = "interrupted"
+        if decode_start is None:
+            out.prompt_s = time.perf_counter() - start
+    if decode_start is not None:
+        out.gen_s = time.perf_counter() - decode_start
     tail = utf8.decode(b"", final=True)
     out.text += tail
     on_text(tail)

@@ -93,7 +93,7 @@ def test_bad_options(setup, capsys, args, message):
     tmp, _, _ = setup
     with pytest.raises(SystemExit) as e:
         _run(setup, tmp / "bad", *args)
-    assert e.value.code == 2
+    assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
 
@@ -105,5 +105,5 @@ def test_missing_inputs(setup, capsys):
                  [str(model), "--data", str(texts[0])]):
         with pytest.raises(SystemExit) as e:
             main(argv)
-        assert e.value.code == 2
+        assert e.value.code == 1
         assert capsys.readouterr().err.count("\n") == 1

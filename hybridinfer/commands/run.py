@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hybridinfer.chat import render_chat
 from hybridinfer.commands.common import add_model_arguments, float_in, int_at_least, load_session
+from hybridinfer.errors import EXIT_INTERRUPTED, HybridInferError
 from hybridinfer.generate import generate
 from hybridinfer.sampling import Sampler, SamplingParams
 
@@ -40,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise HybridInferError(f"the prompt is not valid UTF-8 (at character {e.start}): give it in UTF-8") from None
     s = load_session(args, stats=args.stats)
     chat = args.chat or args.chat_template is not None
     text = render_chat(s.gguf.metadata, args.prompt, args.chat_template) if chat else args.prompt
@@ -49,7 +54,12 @@ def main(args: argparse.Namespace) -> int:
     stream = None if args.json else lambda piece: print(piece, end="", flush=True)
     if stream:
         stream(text)
-    g = generate(s.model, s.tokenizer, prompt, args.n_predict, sampler, stream or (lambda piece: None))
+    try:
+        g = generate(s.model, s.tokenizer, prompt, args.n_predict, sampler, stream or (lambda piece: None))
+    except HybridInferError:
+        if stream:
+            print(flush=True)  # the error line goes on a line of its own, not after the streamed text
+        raise
     timings = {"load_ms": s.load_s * 1e3, "prompt_tokens": g.prompt_tokens, "prompt_ms": g.prompt_s * 1e3,
                "prompt_tokens_per_s": g.prompt_tps, "generated_tokens": len(g.ids), "generation_ms": g.gen_s * 1e3,
                "generation_tokens_per_s": g.gen_tps, "time_to_first_token_ms": (s.load_s + g.first_token_s) * 1e3,
@@ -61,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"prompt": text, "prompt_ids": prompt, "text": g.text, "ids": g.ids, **timings,
                           "stats": stats}))
-        return 0
+        return EXIT_INTERRUPTED if g.stopped_by == "interrupted" else 0
     print(flush=True)
     log = sys.stderr
     print(f"\nload time        = {timings['load_ms']:10.2f} ms", file=log)
@@ -76,4 +86,4 @@ def main(args: argparse.Namespace) -> int:
               f"dense gate, computed for these figures only):\n{s.stats.markdown()}", file=log)
         if s.mode == "predicted":
             print(f"predictor: {100 * stats['predictor_share_of_time']:.1f}% of the forward time", file=log)
-    return 0
+    return EXIT_INTERRUPTED if g.stopped_by == "interrupted" else 0
