@@ -54,12 +54,12 @@ class Fingerprint:
     def from_dict(cls, d, where: str) -> "Fingerprint":
         if not isinstance(d, dict):
             raise PredictorError(f"{where}: 'fingerprint' is not an object: regenerate the directory")
-        try:
-            fp = cls(str(d["architecture"]), int(d["n_layer"]), int(d["n_embd"]), int(d["n_ff"]),
-                     str(d["layout_sha256"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise PredictorError(f"{where}: 'fingerprint' lacks or mangles {e}: regenerate the directory") from None
-        return fp
+        sizes = [d.get(name) for name in ("n_layer", "n_embd", "n_ff")]
+        if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
+                or not isinstance(d.get("architecture"), str) or not isinstance(d.get("layout_sha256"), str)):
+            raise PredictorError(f"{where}: 'fingerprint' lacks or mangles its fields (architecture, n_layer, "
+                                 f"n_embd, n_ff as integers >= 1, layout_sha256): regenerate the directory")
+        return cls(d["architecture"], *sizes, d["layout_sha256"])
 
     def check(self, expected: "Fingerprint", where: str) -> None:
         """PredictorError naming the first field that differs from the model's."""
@@ -245,19 +245,23 @@ def _load_ours(path: Path, config: dict) -> PredictorWeights:
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError, safe_open
 
     if not file.is_file():
         raise PredictorError(f"'{file}' is missing: the predictor directory is incomplete; retrain")
     try:
-        tensors = load_file(str(file))
+        with safe_open(str(file), framework="numpy") as f:
+            # dtypes first: NumPy has no BF16 or F8, and safetensors fails on them with a TypeError
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype not in ("F16", "F32"):
+                    raise PredictorError(f"'{file}': {key} is {dtype}, expected F16: retrain")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except PredictorError:
+        raise
     except (SafetensorError, OSError, ValueError) as e:
         raise PredictorError(f"cannot read '{file}' ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
                              f"the file is damaged; retrain") from None
-    for key, w in tensors.items():
-        if w.dtype not in (np.float16, np.float32):
-            raise PredictorError(f"'{file}': {key} is {w.dtype}, expected float16: retrain")
     return {k: w.astype(np.float16, copy=False) for k, w in tensors.items()}
 
 
