@@ -27,8 +27,10 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise HybridInferError(f"cannot read text file '{args.file}': {getattr(e, 'strerror', None) or e}") from None
     text = text.removesuffix("\n")  # as llama.cpp reads -f
-    if args.ctx_size < 2:
-        raise HybridInferError(f"-c {args.ctx_size} is too small to score a chunk: give at least 2")
+    if args.ctx_size < 3:  # a chunk scores the tokens after its first half, but for its last
+        raise HybridInferError(f"-c {args.ctx_size} is too small to score a chunk: give at least 3")
+    if args.chunks == 0:
+        raise HybridInferError("--chunks 0 scores nothing: give -1 for every chunk or a count of at least 1")
     s = load_session(args)
     tokens = s.tokenizer.encode(text, add_special=True)
     progress = None if args.json else (lambda i, ppl: print(f"[{i + 1}]{ppl:.4f},", end=" ", file=sys.stderr, flush=True))
