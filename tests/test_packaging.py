@@ -1,6 +1,7 @@
 """The wheel installs one top-level package, hybridinfer: kernels/ and predictors/ go inside it,
 since both names belong to other projects on PyPI (DESIGN.md)."""
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -10,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_only_hybridinfer(tmp_path: Path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
+    # built from a copy: setuptools leaves build/ behind, whose stale files a later wheel would pack
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(".git", "build", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True)
     wheel, = (tmp_path / "dist").glob("hybridinfer-*.whl")
     env = tmp_path / "env"
