@@ -17,9 +17,10 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode != 0
+    """Every error, of arguments or of input, has one form: one 'error:' line, exit status 1."""
+    assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[0], lines[0]
 
@@ -121,9 +122,47 @@ def test_bad_model_files(bad_files, name, words):
     (["--top-p", "0"], ["--top-p"]),
     (["-p", "word " * 300], ["longer than the context"]),
     (["-c", "8", "-p", "a b c d e f g h i j"], ["longer than the context"]),
+    (["-t", "4096"], ["-t", "cores"]),
+    (["--ffn-act", "fatrelu:inf"], ["finite"]),
+    (["--ffn-act", "fatrelu:nan"], ["finite"]),
+    (["-p", b"The \xff LORD"], ["not valid UTF-8"]),
 ])
 def test_bad_arguments(args, words):
     assert_one_line_error(cli("run", *args), *words)
+
+
+def test_error_after_the_echoed_prompt_starts_its_own_line():
+    result = cli("run", "-p", "word " * 300)
+    assert result.stdout.endswith("word \n") and result.stderr.startswith("error: ")
+
+
+def test_tiny_repeat_penalty_still_samples():
+    result = cli("run", "--repeat-penalty", "1e-300", "-n", "8", "--seed", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["generated_tokens"] == 8
+
+
+def test_ctrl_c_prints_the_timings_so_far(monkeypatch, capsys):
+    """Ctrl-C while generating ends as llama.cpp ends: the text so far, its timings, exit status 130."""
+    from hybridinfer import cli as entry
+    from hybridinfer.model import Transformer
+
+    forward, calls = Transformer.forward, []
+
+    def interrupted_at_the_fifth_token(self, tokens, pos, all_logits=False):
+        calls.append(pos)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return forward(self, tokens, pos, all_logits)
+
+    monkeypatch.setattr(Transformer, "forward", interrupted_at_the_fifth_token)
+    assert entry.main(["run", "-n", "20", "--temp", "0", "-t", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "eval time" in err and "/     3 runs" in err and "stopped by interrupted" in err
+    calls.clear()
+    assert entry.main(["run", "-n", "20", "--temp", "0", "-t", "1", "--json"]) == 130
+    out = json.loads(capsys.readouterr().out)
+    assert out["stopped_by"] == "interrupted" and out["generated_tokens"] == 4
 
 
 @pytest.fixture(scope="module")
