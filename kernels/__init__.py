@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .config import drop_stale_cache
+from .config import compile_notice, drop_stale_cache  # noqa: F401 (compile_notice: for the CLI)
 
 drop_stale_cache()  # before any kernel loads its cache
 
@@ -55,7 +55,7 @@ def matvec(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.nd
     _vector(x, n_in, "x", "W's n_in")
     _vector(out, w.shape[0], "out", "W's n_out", writable=True)
     _no_overlap(out, x)
-    cpu.matvec(int(qtype), _readonly(w), x, out, _n_chunks)
+    cpu.matvec_for(int(qtype))(_readonly(w), x, out, _n_chunks)
 
 
 def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
@@ -71,9 +71,9 @@ def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.nd
     _no_overlap(out, x)
     if x.shape[0] <= 2:  # one mat-vec per token is faster below the 4-token register block
         for t in range(x.shape[0]):
-            cpu.matvec(int(qtype), _readonly(w), x[t], out[t], _n_chunks)
+            cpu.matvec_for(int(qtype))(_readonly(w), x[t], out[t], _n_chunks)
     else:
-        cpu.matmul(int(qtype), _readonly(w), x, out, _n_chunks)
+        cpu.matmul_for(int(qtype))(_readonly(w), x, out, _n_chunks)
 
 
 def get_rows(qtype: GGMLQuantizationType, w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
@@ -87,7 +87,7 @@ def get_rows(qtype: GGMLQuantizationType, w: np.ndarray, ids: np.ndarray, out: n
                          f"{ids.min()} to {ids.max()}")
     _matrix(out, ids.size, n_in, "out", "(len(ids), W's n_in)", writable=True)
     ids = np.array(ids, dtype=np.int64)  # a writable copy: the type matmul's tile loop uses, one compile
-    cpu.get_rows(int(qtype), _readonly(w), ids, out, _n_chunks)
+    cpu.get_rows_for(int(qtype))(_readonly(w), ids, out, _n_chunks)
 
 
 def gather_matvec(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, x: np.ndarray,
@@ -98,7 +98,7 @@ def gather_matvec(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, 
     _vector(x, n_in, "x", "W's n_in")
     _vector(out, rows.shape[0], "out", "len(rows)", writable=True)
     _no_overlap(out, x)
-    sparse.gather_matvec(int(qtype), _readonly(w), rows, x, out, _n_chunks)
+    sparse.gather_matvec_for(int(qtype))(_readonly(w), rows, x, out, _n_chunks)
 
 
 def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, coeffs: np.ndarray,
@@ -112,7 +112,7 @@ def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, co
     _vector(coeffs, rows.shape[0], "coeffs", "len(rows)")
     _vector(out, n_embd, "out", "W's row length", writable=True)
     _no_overlap(out, coeffs)
-    sparse.sparse_axpy(int(qtype), _readonly(w), rows, coeffs, out, _n_chunks)
+    sparse.sparse_axpy_for(int(qtype))(_readonly(w), rows, coeffs, out, _n_chunks)
 
 
 def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.ndarray, logits: np.ndarray,
@@ -128,8 +128,8 @@ def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.nd
         raise ValueError(f"fc2 takes {rank} inputs but fc1 gives {h.shape[0]}")
     if not isinstance(idx, np.ndarray) or idx.dtype != np.int32 or idx.shape != logits.shape or not idx.flags.writeable:
         raise ValueError(f"idx must be a writable int32 array of shape {logits.shape}, got {_describe(idx)}")
-    return sparse.mlp_select((int(fc1[0]), _readonly(fc1[1])), (int(fc2[0]), _readonly(fc2[1])),
-                             np.float32(threshold), x, h, logits, idx, _n_chunks)
+    kernel = sparse.mlp_select_for(int(fc1[0]), int(fc2[0]))
+    return kernel(_readonly(fc1[1]), _readonly(fc2[1]), np.float32(threshold), x, h, logits, idx, _n_chunks)
 
 
 def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float, idx: np.ndarray,
@@ -149,8 +149,8 @@ def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float,
     _vector(x, n_embd, "x", "n_embd")
     _vector(out, n_embd, "out", "n_embd", writable=True)
     _no_overlap(out, x)
-    sparse.sparse_ffn((int(gate_up[0]), _readonly(gate_up[1])), (int(down[0]), _readonly(down[1])), int(act_kind),
-                      np.float32(act_threshold), idx, x, out, _n_chunks)
+    kernel = sparse.sparse_ffn_for(int(gate_up[0]), int(down[0]))
+    kernel(_readonly(gate_up[1]), _readonly(down[1]), int(act_kind), np.float32(act_threshold), idx, x, out, _n_chunks)
 
 
 class AttentionDecoder:
@@ -185,7 +185,8 @@ class AttentionDecoder:
                   (max(n_embd, n_head * hd),), (n_head, n_ctx))  # xn, q, k, v, att, y, rounded input, scores
         scratch = tuple(np.zeros(shape, np.float32) for shape in shapes)
         self.n_embd, self.n_ctx = n_embd, n_ctx
-        weights = tuple((int(q), int(kind), _readonly(w)) for q, kind, w in (wq, wk, wv, wo))
+        self._kernel = decode.attention_decode_for(*(int(w[0]) for w in (wq, wk, wv, wo)))
+        weights = tuple((int(kind), _readonly(w)) for _, kind, w in (wq, wk, wv, wo))
         self._args = (norm, np.float32(eps), *weights)
         self._rest = (cos, sin, k_cache, v_cache, scratch)
 
@@ -193,7 +194,7 @@ class AttentionDecoder:
         _matrix(x, 1, self.n_embd, "x", "(1, n_embd)", writable=True)
         if not 0 <= pos < self.n_ctx:
             raise ValueError(f"position {pos} is outside the cache of {self.n_ctx}")
-        decode.attention_decode(x, *self._args, pos, *self._rest, _n_chunks)
+        self._kernel(x, *self._args, pos, *self._rest, _n_chunks)
 
 
 # ---- checks (messages are built only on failure: these run ~200 times per token) ---------------

@@ -3,10 +3,10 @@
 Each format is one small decode function ``_decode_<format>(row, g) -> F32x16``: the values
 [16g, 16g+16) of one weight row (a uint8 1-D view of the row's blocks), as ``q * d + m``, one fused
 multiply-add per lane. The row loops (``_dot_rows``, ``_dequant_rows``) are written once and call
-``decode(fmt, row, g)``, the format table. Entry kernels take the GGML type code as a run-time
-int and ``with_format`` turns it into a compile-time constant, so each row loop is compiled once
-per format with its decode inlined, and each entry kernel is one cacheable function (numba cannot
-cache functions that take functions as arguments).
+``decode(fmt, row, g)``, the format table. The format is a compile-time constant throughout (a
+Literal[int]): the kernels are generic in fmt, and Python calls the cached dispatcher made for one
+format (``matvec_for(code)``), so that a run compiles each kernel only for the formats its model
+uses, with only that format's decode in its loops.
 
 Q4_0, Q4_1 and Q8_0 weights take their input as ggml does: quantised to 8-bit blocks of 32 (Q8_0,
 Q8_1's sums for Q4_1), once per call, and mat-vecs take integer dot products of weight and input
@@ -15,11 +15,13 @@ bytes per pair of blocks (``dot_row_q8``) where other types decode to floats (``
 Callers (kernels/__init__.py) validate shapes, dtypes and contiguity: nothing here checks bounds.
 """
 
+import functools
+
 import numpy as np
 from gguf import GGMLQuantizationType as _T
 from numba import njit, prange
 
-from .config import HELPER, KERNEL
+from .config import HELPER, KERNEL, PARALLEL
 from .ops import ROUND_Q8_0, quantize_q8_0, round_for_dot
 from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, load_bytes, load_f16,
                    load_f32, load_i8, load_i32, load_nibbles, load_u8, load_u16, load_u32, store_f32, to_f32,
@@ -91,8 +93,8 @@ def _decode_q6_k(row, g):
 def decode(fmt, row, g):
     """The format table: values [16g, 16g+16) of a row of type fmt, as F32x16.
 
-    fmt is a compile-time constant here (a Literal[int] argument, see with_format), so numba and
-    LLVM keep only the branch of that format.
+    fmt is a compile-time constant here (a Literal[int] argument), so numba and LLVM keep only the
+    branch of that format.
     """
     if fmt == _Q4_0:
         return _decode_q4_0(row, g)
@@ -108,29 +110,6 @@ def decode(fmt, row, g):
         return _decode_bf16(row, g)
     else:
         return _decode_f32(row, g)
-
-
-@njit(inline="always", **HELPER)
-def with_format(fmt, op, a, b, c, d, e):
-    """op(FMT, a, b, c, d, e) with FMT the compile-time constant equal to the run-time code fmt.
-
-    Each op thus compiles once per format, with the decode inlined into its loop. Functions are
-    passed as arguments only here, inlined, because numba cannot cache a run-time function pointer.
-    """
-    if fmt == _Q4_0:
-        op(_Q4_0, a, b, c, d, e)
-    elif fmt == _Q4_1:
-        op(_Q4_1, a, b, c, d, e)
-    elif fmt == _Q8_0:
-        op(_Q8_0, a, b, c, d, e)
-    elif fmt == _Q6_K:
-        op(_Q6_K, a, b, c, d, e)
-    elif fmt == _F16:
-        op(_F16, a, b, c, d, e)
-    elif fmt == _BF16:
-        op(_BF16, a, b, c, d, e)
-    elif fmt == _F32:
-        op(_F32, a, b, c, d, e)
 
 
 # ---- row loops, generic in the format -----------------------------------------------------------
@@ -318,19 +297,8 @@ def _gemm_tile(a, n_rows, x, out, r0):
 
 
 # ---- one thread's share of each entry kernel ---------------------------------------------------
-# The format dispatch lives here, in plain functions the prange bodies call: inlined into numba's
-# parallel loop body, the same row loops ran at half the speed (Q4_0 mat-vec, one thread: 7 GB/s
-# there, 17 GB/s here).
-
-@njit(**HELPER)
-def _matvec_chunk(fmt, w, x, xin, out, span):
-    with_format(fmt, _dot_rows, w, x, xin, out, span)
-
-
-@njit(**HELPER)
-def _get_rows_chunk(fmt, w, ids, out, span):
-    with_format(fmt, _dequant_rows, w, ids, out, span[0], span[1])
-
+# The prange bodies call plain (not inlined) functions: inlined into numba's parallel loop body, the
+# same row loops ran at half the speed (Q4_0 mat-vec, one thread: 7 GB/s there, 17 GB/s here).
 
 @njit(**HELPER)
 def _matmul_chunk(fmt, w, x, out, span):
@@ -342,49 +310,50 @@ def _matmul_chunk(fmt, w, x, out, span):
     ids = np.arange(tile)
     for a in range(lo, hi, tile):
         b = min(a + tile, hi)
-        with_format(fmt, _dequant_rows, w[a:b], ids, scratch, 0, b - a)
+        _dequant_rows(fmt, w[a:b], ids, scratch, 0, b - a)
         _gemm_tile(scratch, b - a, x, out, a)
 
 
-# ---- entry kernels -----------------------------------------------------------------------------
+# ---- kernels, generic in the format (a compile-time constant) ----------------------------------
 
-@njit(**KERNEL)
+@njit(**PARALLEL)
 def matvec(fmt, w, x, out, n_chunks):
     """out = W @ x (x quantised first for Q4_0, Q4_1 and Q8_0 weights).
 
-    fmt: GGML type code (int); w: uint8[n_out, row_bytes] C-contiguous, each row n_in values in
-    fmt's blocks; x: float32[n_in] C-contiguous; out: float32[n_out], written; n_chunks: row
-    chunks, one per thread. Each row is computed by one thread, in the same order whatever
-    n_chunks is.
+    fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous, each
+    row n_in values in fmt's blocks; x: float32[n_in] C-contiguous; out: float32[n_out], written;
+    n_chunks: row chunks, one per thread. Each row is computed by one thread, in the same order
+    whatever n_chunks is.
     """
     n = w.shape[0]
     xin = q8_input(fmt, x)
     for c in prange(n_chunks):
-        _matvec_chunk(fmt, w, x, xin, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
+        _dot_rows(fmt, w, x, xin, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
 
 
-@njit(**KERNEL)
+@njit(**PARALLEL)
 def get_rows(fmt, w, ids, out, n_chunks):
     """out[k] = W[ids[k]] dequantised.
 
-    fmt: GGML type code (int); w: uint8[n_out, row_bytes] C-contiguous; ids: int64[T], each in
-    [0, n_out); out: float32[T, n_in] C-contiguous, written; n_chunks: chunks of ids, one per thread.
+    fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous; ids:
+    int64[T], each in [0, n_out); out: float32[T, n_in] C-contiguous, written; n_chunks: chunks of
+    ids, one per thread.
     """
     n = ids.shape[0]
     for c in prange(n_chunks):
-        _get_rows_chunk(fmt, w, ids, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
+        _dequant_rows(fmt, w, ids, out, c * n // n_chunks, (c + 1) * n // n_chunks)
 
 
-@njit(**KERNEL)
+@njit(**PARALLEL)
 def matmul(fmt, w, x, out, n_chunks):
     """out = x @ W.T (x rounded first to Q8_0 blocks for Q4_0, Q4_1 and Q8_0 weights, as matvec's
     quantised input means).
 
-    fmt: GGML type code (int); w: uint8[n_out, row_bytes] C-contiguous; x: float32[T, n_in]
-    C-contiguous; out: float32[T, n_out] C-contiguous, written; n_chunks: row chunks, one per
-    thread. Each thread dequantises its rows a tile at a time (about 256 KiB of f32, kept in L2)
-    and multiplies the tile with every token; each output is computed by one thread, in the same
-    order whatever n_chunks is.
+    fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous; x:
+    float32[T, n_in] C-contiguous; out: float32[T, n_out] C-contiguous, written; n_chunks: row
+    chunks, one per thread. Each thread dequantises its rows a tile at a time (about 256 KiB of
+    f32, kept in L2) and multiplies the tile with every token; each output is computed by one
+    thread, in the same order whatever n_chunks is.
     """
     n = w.shape[0]
     if integer_dot(fmt):
@@ -393,3 +362,35 @@ def matmul(fmt, w, x, out, n_chunks):
         x = rounded
     for c in prange(n_chunks):
         _matmul_chunk(fmt, w, x, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
+
+
+# ---- entry kernels: one cached dispatcher per format --------------------------------------------
+# Each closes over its format (numba types the closure variable as a Literal[int] and keys its
+# disk cache on it), so a first run compiles only the formats its model holds. A run-time format
+# argument would compile every format's loops into every kernel: 7 times the work.
+
+@functools.cache
+def matvec_for(fmt: int):
+    """matvec(fmt, ...) as a cached kernel of (w, x, out, n_chunks)."""
+    @njit(**KERNEL)
+    def matvec_fmt(w, x, out, n_chunks):
+        matvec(fmt, w, x, out, n_chunks)
+    return matvec_fmt
+
+
+@functools.cache
+def get_rows_for(fmt: int):
+    """get_rows(fmt, ...) as a cached kernel of (w, ids, out, n_chunks)."""
+    @njit(**KERNEL)
+    def get_rows_fmt(w, ids, out, n_chunks):
+        get_rows(fmt, w, ids, out, n_chunks)
+    return get_rows_fmt
+
+
+@functools.cache
+def matmul_for(fmt: int):
+    """matmul(fmt, ...) as a cached kernel of (w, x, out, n_chunks)."""
+    @njit(**KERNEL)
+    def matmul_fmt(w, x, out, n_chunks):
+        matmul(fmt, w, x, out, n_chunks)
+    return matmul_fmt

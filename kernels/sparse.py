@@ -2,17 +2,20 @@
 
 gather_matvec: the dot products of a list of rows of gate or up with x. sparse_axpy: the sum of
 the active neurons' down columns, each stored as one contiguous row of a neuron-major matrix,
-scaled by their activations. Both are generic in the format through cpu.with_format, as the dense
-kernels are. mlp_select (a predictor's decode step) and sparse_ffn (the FFN over the neurons it
-picked) chain them in one call each, with their glue. Callers (kernels/__init__.py) check shapes
+scaled by their activations. Both are generic in the format, a compile-time constant, as the
+dense kernels are. mlp_select (a predictor's decode step) and sparse_ffn (the FFN over the neurons
+it picked) chain them in one call each, with their glue. Python calls the dispatchers the ``*_for``
+functions make for the formats at hand (see cpu.py). Callers (kernels/__init__.py) check shapes
 and index ranges.
 """
+
+import functools
 
 import numpy as np
 from numba import njit, prange
 
-from hybridinfer.kernels.config import HELPER, KERNEL, SERIAL_KERNEL
-from hybridinfer.kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers, with_format
+from hybridinfer.kernels.config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL
+from hybridinfer.kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers
 from hybridinfer.kernels.ops import act
 from hybridinfer.kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
 
@@ -26,10 +29,9 @@ def _prefetch_bytes(row, lo, hi):
 
 
 @njit(**HELPER)
-def _gather_dots(fmt, w, rows, inputs, out, span):
-    """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi); inputs = (x, q8_input(fmt, x))."""
+def _gather_dots(fmt, w, rows, x, xin, out, span):
+    """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi); xin = q8_input(fmt, x)."""
     lo, hi = span
-    x, xin = inputs
     wbuf, xbuf = tail_buffers(x)
     for k in range(lo, hi):
         _prefetch_bytes(w[rows[min(k + 1, hi - 1)]], 0, w.shape[1])
@@ -110,42 +112,30 @@ def _axpy_pairs(fmt, w, rows, coeffs, out, span):
             store_f32(out, g * LANES, acc + decode(fmt, r3, g) * c3)
 
 
-# the format dispatch outside the prange bodies, as in cpu.py (twice as fast there)
-
-@njit(**HELPER)
-def _gather_chunk(fmt, w, rows, x, xin, out, span):
-    with_format(fmt, _gather_dots, w, rows, (x, xin), out, span)
-
-
-@njit(**HELPER)
-def _axpy_chunk(fmt, w, rows, coeffs, out, span):
-    with_format(fmt, _axpy_pairs, w, rows, coeffs, out, span)
-
-
-@njit(**KERNEL)
+@njit(**PARALLEL)
 def gather_matvec(fmt, w, rows, x, out, n_chunks):
     """out[k] = W[rows[k]] @ x, each row's dot product as matvec computes it.
 
-    fmt: GGML type code; w: uint8[n_out, row_bytes]; rows: int32[n], each in [0, n_out);
-    x: float32[n_in]; out: float32[n], written; n_chunks: chunks of rows, one per thread.
+    fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes]; rows: int32[n], each
+    in [0, n_out); x: float32[n_in]; out: float32[n], written; n_chunks: chunks of rows, one per thread.
     """
     n = rows.shape[0]
     xin = q8_input(fmt, x)
     for c in prange(n_chunks):
-        _gather_chunk(fmt, w, rows, x, xin, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
+        _gather_dots(fmt, w, rows, x, xin, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
 
 
-@njit(**KERNEL)
+@njit(**PARALLEL)
 def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
     """out = sum over k of coeffs[k] * W[rows[k]] (dequantised): the down projection over active neurons.
 
-    fmt: GGML type code; w: uint8[n_ff, row_bytes] neuron-major, n_embd values per row, n_embd a
-    multiple of 16; rows: int32[n], each in [0, n_ff); coeffs: float32[n]; out: float32[n_embd],
-    written; n_chunks: chunks of 32-value column pairs of groups, one per thread.
+    fmt: GGML type code, a compile-time constant; w: uint8[n_ff, row_bytes] neuron-major, n_embd
+    values per row, n_embd a multiple of 16; rows: int32[n], each in [0, n_ff); coeffs: float32[n];
+    out: float32[n_embd], written; n_chunks: chunks of 32-value column pairs of groups, one per thread.
     """
     n_pairs = out.shape[0] // (2 * LANES)
     for c in prange(n_chunks):
-        _axpy_chunk(fmt, w, rows, coeffs, out, (c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks,
+        _axpy_pairs(fmt, w, rows, coeffs, out, (c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks,
                                                 c == n_chunks - 1))
 
 
@@ -160,29 +150,30 @@ def select_active(logits, threshold, out):
     return n
 
 
-@njit(**SERIAL_KERNEL)
-def mlp_select(fc1, fc2, threshold, x, h, logits, idx, n_chunks):
+@njit(**PARALLEL)
+def mlp_select(fmt1, w1, fmt2, w2, threshold, x, h, logits, idx, n_chunks):
     """A predictor's decode step: logits = fc2 @ relu(fc1 @ x), then the indices of the logits >=
     threshold into idx (ascending); returns their count.
 
-    fc1, fc2: (GGML type code, uint8 blocks [n_out, row_bytes]) of [rank, n_in] and [n_ff, rank];
-    x f32[n_in]; h f32[rank], logits f32[n_ff], idx int32[n_ff]: written.
+    fmt1, fmt2: GGML type codes (compile-time constants) of w1 and w2, uint8 blocks [n_out, row_bytes]
+    of [rank, n_in] and [n_ff, rank]; x f32[n_in]; h f32[rank], logits f32[n_ff], idx int32[n_ff]: written.
     """
-    matvec(fc1[0], fc1[1], x, h, n_chunks)
+    matvec(fmt1, w1, x, h, n_chunks)
     for i in range(h.shape[0]):
         h[i] = max(h[i], np.float32(0.0))
-    matvec(fc2[0], fc2[1], h, logits, n_chunks)
+    matvec(fmt2, w2, h, logits, n_chunks)
     return select_active(logits, threshold, idx)
 
 
-@njit(**SERIAL_KERNEL)
-def sparse_ffn(gate_up, down, act_kind, act_threshold, idx, x, out, n_chunks):
+@njit(**PARALLEL)
+def sparse_ffn(gu_fmt, gate_up, down_fmt, down, act_kind, act_threshold, idx, x, out, n_chunks):
     """out = down @ (act(gate @ x) * (up @ x)) over the neurons idx only: one decode step of the FFN.
 
-    gate_up: (GGML type code, uint8 blocks) [2 * n_ff, n_embd], neuron i's gate row at 2i, its up
-    row at 2i + 1; down: (type code, blocks) neuron-major [n_ff, n_embd]; act_kind, act_threshold as
-    ops.act; idx int32[n], each in [0, n_ff); x f32[n_embd] (rounded as the gate_up type takes it);
-    out f32[n_embd], written. Neurons whose activation is zero are skipped by the axpy.
+    gate_up: uint8 blocks of type gu_fmt [2 * n_ff, n_embd], neuron i's gate row at 2i, its up row
+    at 2i + 1; down: blocks of type down_fmt, neuron-major [n_ff, n_embd] (the formats compile-time
+    constants); act_kind, act_threshold as ops.act; idx int32[n], each in [0, n_ff); x f32[n_embd]
+    (rounded as the gate_up type takes it); out f32[n_embd], written. Neurons whose activation is
+    zero are skipped by the axpy.
     """
     n = idx.shape[0]
     rows = np.empty(2 * n, np.int32)
@@ -190,8 +181,47 @@ def sparse_ffn(gate_up, down, act_kind, act_threshold, idx, x, out, n_chunks):
         rows[2 * k] = 2 * idx[k]
         rows[2 * k + 1] = 2 * idx[k] + 1
     dots = np.empty(2 * n, np.float32)
-    gather_matvec(gate_up[0], gate_up[1], rows, x, dots, n_chunks)
+    gather_matvec(gu_fmt, gate_up, rows, x, dots, n_chunks)
     coeffs = np.empty(n, np.float32)
     for k in range(n):
         coeffs[k] = act(dots[2 * k], act_kind, act_threshold) * dots[2 * k + 1]
-    sparse_axpy(down[0], down[1], idx, coeffs, out, n_chunks)
+    sparse_axpy(down_fmt, down, idx, coeffs, out, n_chunks)
+
+
+# ---- entry kernels: one cached dispatcher per format (or pair of formats), as in cpu.py ---------
+
+@functools.cache
+def gather_matvec_for(fmt: int):
+    """gather_matvec(fmt, ...) as a cached kernel of (w, rows, x, out, n_chunks)."""
+    @njit(**KERNEL)
+    def gather_matvec_fmt(w, rows, x, out, n_chunks):
+        gather_matvec(fmt, w, rows, x, out, n_chunks)
+    return gather_matvec_fmt
+
+
+@functools.cache
+def sparse_axpy_for(fmt: int):
+    """sparse_axpy(fmt, ...) as a cached kernel of (w, rows, coeffs, out, n_chunks)."""
+    @njit(**KERNEL)
+    def sparse_axpy_fmt(w, rows, coeffs, out, n_chunks):
+        sparse_axpy(fmt, w, rows, coeffs, out, n_chunks)
+    return sparse_axpy_fmt
+
+
+@functools.cache
+def mlp_select_for(fmt1: int, fmt2: int):
+    """mlp_select(fmt1, w1, fmt2, w2, ...) as a cached kernel of (w1, w2, threshold, x, h, logits, idx, n_chunks)."""
+    @njit(**KERNEL)
+    def mlp_select_fmt(w1, w2, threshold, x, h, logits, idx, n_chunks):
+        return mlp_select(fmt1, w1, fmt2, w2, threshold, x, h, logits, idx, n_chunks)
+    return mlp_select_fmt
+
+
+@functools.cache
+def sparse_ffn_for(gu_fmt: int, down_fmt: int):
+    """sparse_ffn(gu_fmt, gate_up, down_fmt, down, ...) as a cached kernel of (gate_up, down, act_kind,
+    act_threshold, idx, x, out, n_chunks)."""
+    @njit(**KERNEL)
+    def sparse_ffn_fmt(gate_up, down, act_kind, act_threshold, idx, x, out, n_chunks):
+        sparse_ffn(gu_fmt, gate_up, down_fmt, down, act_kind, act_threshold, idx, x, out, n_chunks)
+    return sparse_ffn_fmt

@@ -127,8 +127,8 @@ def main() -> None:
     for shape in [(576, 576), (2, 32)]:
         x, out = np.zeros(shape[1], np.float32), np.zeros(shape[0], np.float32)
         w = kernels._readonly(random_weights(GGMLQuantizationType.Q4_1, *shape, rng))
-        code = int(GGMLQuantizationType.Q4_1)
-        direct = time_calls(lambda m: cpu.matvec(code, w, x, out, args.threads), [None] * 2000, 5)
+        kernel = cpu.matvec_for(int(GGMLQuantizationType.Q4_1))
+        direct = time_calls(lambda m: kernel(w, x, out, args.threads), [None] * 2000, 5)
         checked = time_calls(lambda m: kernels.matvec(GGMLQuantizationType.Q4_1, w, x, out), [None] * 2000, 5)
         print(f"per call, Q4_1 {shape[0]} x {shape[1]} hot: numba kernel {direct * 1e6:.1f} us, "
               f"kernels.matvec (with argument checks) {checked * 1e6:.1f} us")
