@@ -7,6 +7,7 @@ they compute every row but zero the neurons they would skip, so their quality is
 token while the arithmetic stays that of the decode path.
 """
 
+import contextlib
 import time
 
 import numpy as np
@@ -41,6 +42,8 @@ def active_mask(act: FFNActivation, gate: np.ndarray, out: np.ndarray) -> None:
 class DenseFFN:
     """Every neuron of every layer: the reference the sparse strategies are measured against."""
 
+    stats: SparsityStats | None = None  # the sparse strategies' record of active neurons, if asked for
+
     def __init__(self, args: ModelArgs, n_batch: int):
         self.act = args.ffn_act
         self.kind = ACT_KIND[self.act.kind]
@@ -53,6 +56,15 @@ class DenseFFN:
         blk.ffn_up(xn, up)
         activate(self.act, gate, up)
         blk.ffn_down(gate, out)
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Calls within the block leave stats as they were (Transformer.warm_up's)."""
+        stats, self.stats = self.stats, None
+        try:
+            yield
+        finally:
+            self.stats = stats
 
 
 class ExactSparseFFN(DenseFFN):
@@ -100,6 +112,13 @@ class PredictedFFN(DenseFFN):
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.idx = np.zeros(args.n_ff, np.int32)
         self.decoded = [0, 0]  # neurons computed, neurons there were: over all decode steps and layers
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        decoded = list(self.decoded)
+        with super().uncounted():
+            yield
+        self.decoded[:] = decoded
 
     @property
     def active_share(self) -> float | None:

@@ -65,14 +65,15 @@ class Transformer:
             for i, blk in enumerate(weights.blk)]
 
     def warm_up(self) -> None:
-        """Run a prefill step of 3 tokens and a decode step on token 0, so that the kernels they call
-        compile (on a first run) or load from numba's cache now, before any text streams. The KV cache
-        rows written are overwritten before they are read (position p attends to positions up to p,
-        which a run writes first); the FFN's statistics and counters are left as they were."""
+        """Run prefill steps of 3 and 2 tokens (mat-muls; mat-vecs token by token) and a decode step on
+        token 0, so that every kernel a run calls compiles (on a first run) or loads from numba's cache
+        now, before any text streams. The KV cache rows written are overwritten before they are read
+        (position p attends to positions up to p, which a run writes first); the FFN's statistics and
+        counters are left as they were."""
         n = min(3, self.n_ctx - 1)
         with self.ffn.uncounted():
-            if n:
-                self.forward(np.zeros(n, np.int64), 0)
+            for t in range(n, 1, -1):
+                self.forward(np.zeros(t, np.int64), 0)
             self.forward(np.zeros(1, np.int64), n)
 
     def forward(self, tokens: np.ndarray, pos: int, all_logits: bool = False) -> np.ndarray:
