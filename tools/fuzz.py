@@ -1,6 +1,6 @@
 """Seeded fuzzer of the command line: damaged GGUF files, damaged predictor directories, odd arguments.
 
-    python tools/fuzz.py [--cases N] [--seed S] [--limit SECONDS] [-v]
+    python tools/fuzz.py [--cases N] [--seed S] [--limit SECONDS] [--model GGUF] [-v]
 
 Each case runs `hybridinfer.cli.main` in this process on a variant of the default model (bytes flipped
 in the header or the tensor-info region, a truncation, a metadata value or tensor entry replaced by
@@ -98,7 +98,7 @@ class Case:
     files: dict[str, bytes] = field(default_factory=dict)  # name in the case folder -> content
 
 
-def _gguf_case(rng: np.random.Generator, base: Base) -> Case:
+def _gguf_case(rng: np.random.Generator, base: Base, modes: list[str]) -> Case:
     kind = rng.choice(["flip_header", "flip_tensor_info", "truncate", "edit_key", "edit_vocab", "edit_tensor",
                        "bpe", "garbage_weights"])
     kvs = [list(kv) for kv in base.kvs]
@@ -162,7 +162,7 @@ def _gguf_case(rng: np.random.Generator, base: Base) -> Case:
                 min(i[3] for i in infos if i[3] > offset) - offset
             data = data[:offset] + b"\xff" * size + data[offset + size:]
         content = gguf_bytes(kvs, infos, data, n_dims)
-    mode, temp = str(rng.choice(["off", "exact"])), str(rng.choice([0, 0.8]))
+    mode, temp = str(rng.choice(modes)), str(rng.choice([0, 0.8]))
     return Case(f"gguf:{kind}", ["run", "{dir}/model.gguf", "-n", "2", "-t", "1", "--temp", temp, "-p", "The LORD",
                                  "--sparse", mode], {"model.gguf": content})
 
@@ -314,15 +314,18 @@ def run_case(case: Case, workdir: Path, limit: float) -> Outcome:
     return Outcome("traceback", f"exit status {status!r} with stderr ending {err.getvalue()[-300:]!r}")
 
 
-def run(cases: int, seed: int, limit: float = 20.0, verbose: bool = False) -> tuple[Counter, list[str]]:
-    """Run `cases` cases drawn with `seed`; return the outcome counts and one line per finding."""
+def run(cases: int, seed: int, limit: float = 20.0, verbose: bool = False,
+        model: Path = DEFAULT_MODEL) -> tuple[Counter, list[str]]:
+    """Run `cases` cases drawn with `seed`, damaging `model` (a llama GGUF; the default model's
+    predictor is damaged too); return the outcome counts and one line per finding."""
     rng = np.random.default_rng(seed)
-    base = Base.read(DEFAULT_MODEL)
+    base = Base.read(model)
+    modes = ["off", "exact"] if model == DEFAULT_MODEL else ["off"]  # another model may have no ReLU
     counts, findings = Counter(), []
     with tempfile.TemporaryDirectory(prefix="hybridinfer-fuzz-") as tmp:
         for i in range(cases):
             draw = rng.random()
-            case = _gguf_case(rng, base) if draw < 0.5 else _predictor_case(rng) if draw < 0.65 else _args_case(rng)
+            case = _gguf_case(rng, base, modes) if draw < 0.5 else _predictor_case(rng) if draw < 0.65 else _args_case(rng)
             outcome = run_case(case, Path(tmp) / "case", limit)
             counts[outcome.kind] += 1
             line = f"case {i} [{case.kind}] {outcome.kind}: {outcome.detail} argv={case.argv}"
@@ -338,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=300, help="cases to run (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--limit", type=float, default=20.0, help="seconds before a case counts as a hang (default: 20)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF file to damage (default: the default model)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every case's outcome")
     args = p.parse_args(argv)
-    counts, findings = run(args.cases, args.seed, args.limit, args.verbose)
+    counts, findings = run(args.cases, args.seed, args.limit, args.verbose, args.model)
     for line in findings:
         print(line)
     print(f"{args.cases} cases (seed {args.seed}): " + ", ".join(f"{counts[k]} {k}" for k in
