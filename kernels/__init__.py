@@ -11,10 +11,10 @@ bytes; other types take x as given.
 
 Every function checks shapes, dtypes and contiguity here, since the numba kernels (kernels/cpu.py)
 check no bounds, and raises ValueError on bad input. Results are bit-identical whatever the
-thread count: each output row is computed by one thread, always in the same order.
+thread count: each output row is computed by one thread, always in the same order (threads.py
+chooses the count for each call).
 """
 
-import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -23,6 +23,7 @@ from .config import compile_notice, drop_stale_cache  # noqa: F401 (compile_noti
 drop_stale_cache()  # before any kernel loads its cache
 
 from . import cpu, decode, sparse  # noqa: E402
+from .threads import get_threads, set_threads, team  # noqa: E402,F401 (get_threads, set_threads: the API)
 
 SUPPORTED_TYPES = frozenset({
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -31,22 +32,6 @@ SUPPORTED_TYPES = frozenset({
 })
 
 _U8, _F32 = np.dtype(np.uint8), np.dtype(np.float32)
-_n_chunks = numba.get_num_threads()  # row chunks per call, one per thread (get_num_threads costs 1 us)
-
-
-def set_threads(n: int) -> None:
-    """Number of threads the kernels use (numba.set_num_threads, which is per calling thread)."""
-    global _n_chunks
-    limit = numba.config.NUMBA_NUM_THREADS
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= limit:
-        raise ValueError(f"thread count must be an integer in [1, {limit}], got {n!r}")
-    numba.set_num_threads(int(n))
-    _n_chunks = int(n)
-
-
-def get_threads() -> int:
-    """Number of threads the kernels use."""
-    return numba.get_num_threads()
 
 
 def matvec(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
@@ -55,7 +40,7 @@ def matvec(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.nd
     _vector(x, n_in, "x", "W's n_in")
     _vector(out, w.shape[0], "out", "W's n_out", writable=True)
     _no_overlap(out, x)
-    cpu.matvec_for(int(qtype))(_readonly(w), x, out, _n_chunks)
+    cpu.matvec_for(int(qtype))(_readonly(w), x, out, team())
 
 
 def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
@@ -71,9 +56,9 @@ def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray, out: np.nd
     _no_overlap(out, x)
     if x.shape[0] <= 2:  # one mat-vec per token is faster below the 4-token register block
         for t in range(x.shape[0]):
-            cpu.matvec_for(int(qtype))(_readonly(w), x[t], out[t], _n_chunks)
+            cpu.matvec_for(int(qtype))(_readonly(w), x[t], out[t], team())
     else:
-        cpu.matmul_for(int(qtype))(_readonly(w), x, out, _n_chunks)
+        cpu.matmul_for(int(qtype))(_readonly(w), x, out, team())
 
 
 def get_rows(qtype: GGMLQuantizationType, w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
@@ -87,7 +72,7 @@ def get_rows(qtype: GGMLQuantizationType, w: np.ndarray, ids: np.ndarray, out: n
                          f"{ids.min()} to {ids.max()}")
     _matrix(out, ids.size, n_in, "out", "(len(ids), W's n_in)", writable=True)
     ids = np.array(ids, dtype=np.int64)  # a writable copy: the type matmul's tile loop uses, one compile
-    cpu.get_rows_for(int(qtype))(_readonly(w), ids, out, _n_chunks)
+    cpu.get_rows_for(int(qtype))(_readonly(w), ids, out, team())
 
 
 def gather_matvec(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, x: np.ndarray,
@@ -98,7 +83,7 @@ def gather_matvec(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, 
     _vector(x, n_in, "x", "W's n_in")
     _vector(out, rows.shape[0], "out", "len(rows)", writable=True)
     _no_overlap(out, x)
-    sparse.gather_matvec_for(int(qtype))(_readonly(w), rows, x, out, _n_chunks)
+    sparse.gather_matvec_for(int(qtype))(_readonly(w), rows, x, out, team())
 
 
 def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, coeffs: np.ndarray,
@@ -112,7 +97,7 @@ def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, co
     _vector(coeffs, rows.shape[0], "coeffs", "len(rows)")
     _vector(out, n_embd, "out", "W's row length", writable=True)
     _no_overlap(out, coeffs)
-    sparse.sparse_axpy_for(int(qtype))(_readonly(w), rows, coeffs, out, _n_chunks)
+    sparse.sparse_axpy_for(int(qtype))(_readonly(w), rows, coeffs, out, team())
 
 
 def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.ndarray, logits: np.ndarray,
@@ -129,7 +114,7 @@ def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.nd
     if not isinstance(idx, np.ndarray) or idx.dtype != np.int32 or idx.shape != logits.shape or not idx.flags.writeable:
         raise ValueError(f"idx must be a writable int32 array of shape {logits.shape}, got {_describe(idx)}")
     kernel = sparse.mlp_select_for(int(fc1[0]), int(fc2[0]))
-    return kernel(_readonly(fc1[1]), _readonly(fc2[1]), np.float32(threshold), x, h, logits, idx, _n_chunks)
+    return kernel(_readonly(fc1[1]), _readonly(fc2[1]), np.float32(threshold), x, h, logits, idx, team())
 
 
 def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float, idx: np.ndarray,
@@ -150,7 +135,7 @@ def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float,
     _vector(out, n_embd, "out", "n_embd", writable=True)
     _no_overlap(out, x)
     kernel = sparse.sparse_ffn_for(int(gate_up[0]), int(down[0]))
-    kernel(_readonly(gate_up[1]), _readonly(down[1]), int(act_kind), np.float32(act_threshold), idx, x, out, _n_chunks)
+    kernel(_readonly(gate_up[1]), _readonly(down[1]), int(act_kind), np.float32(act_threshold), idx, x, out, team())
 
 
 class AttentionDecoder:
@@ -194,7 +179,7 @@ class AttentionDecoder:
         _matrix(x, 1, self.n_embd, "x", "(1, n_embd)", writable=True)
         if not 0 <= pos < self.n_ctx:
             raise ValueError(f"position {pos} is outside the cache of {self.n_ctx}")
-        self._kernel(x, *self._args, pos, *self._rest, _n_chunks)
+        self._kernel(x, *self._args, pos, *self._rest, team())
 
 
 # ---- checks (messages are built only on failure: these run ~200 times per token) ---------------
