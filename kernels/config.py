@@ -3,9 +3,9 @@
 KERNEL and SERIAL_KERNEL are for entry kernels (called from Python), cached on disk. HELPER is for
 functions only called from other kernels: they are compiled into their callers and need no cache
 of their own. PARALLEL is for kernels with prange loops that other kernels call: inlined (in
-numba's IR) into their callers, which must be parallel themselves; a separate function would be one
-more level of calls, and on a first run each level re-optimises and re-emits all the machine code
-below it. drop_stale_cache (run when the package is imported) rebuilds the cache whenever a
+numba's IR) into their callers, which must be parallel themselves, since on a first run each level
+of calls re-optimises and re-emits all the machine code below it; SHARED_PARALLEL for those that
+several kernels call (matvec): compiled once, called. drop_stale_cache (run when the package is imported) rebuilds the cache whenever a
 kernels/*.py file changes; compile_notice says on stderr when kernels compile instead.
 """
 
@@ -27,6 +27,7 @@ HELPER = dict(fastmath=set(FASTMATH), nogil=True, boundscheck=False, error_model
 SERIAL_KERNEL = dict(HELPER, cache=True)
 KERNEL = dict(SERIAL_KERNEL, parallel=True)
 PARALLEL = dict(HELPER, parallel=True, inline="always")
+SHARED_PARALLEL = dict(HELPER, parallel=True)
 
 # Numba's omp layer runs a prange loop as an OpenMP parallel region, whose threads wait for each
 # other at its end and for the next region after it. GNU libgomp makes a waiting thread spin

@@ -21,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as _T
 from numba import njit, prange
 
-from .config import HELPER, KERNEL, PARALLEL
+from .config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
 from .ops import ROUND_Q8_0, quantize_q8_0, round_for_dot
 from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, load_bytes, load_f16,
                    load_f32, load_i8, load_i32, load_nibbles, load_u8, load_u16, load_u32, store_f32, to_f32,
@@ -112,6 +112,14 @@ def decode(fmt, row, g):
         return _decode_f32(row, g)
 
 
+@njit(inline="always", **HELPER)
+def copy(src, i, dst, j, n):
+    """dst[j:j + n] = src[i:i + n], as a loop: numba's slice assignment brings its shape-mismatch error
+    message, whose string formatting was most of the machine code of the kernels that copy tails."""
+    for k in range(n):
+        dst[j + k] = src[i + k]
+
+
 # ---- row loops, generic in the format -----------------------------------------------------------
 
 @njit(inline="always", **HELPER)
@@ -136,7 +144,7 @@ def dot_row(fmt, row, x, wbuf, xbuf):
         g = n_groups - 1
         acc0 = acc0 + decode(fmt, row, g) * load_f32(x, g * LANES)
     if tail_bytes:
-        wbuf[:tail_bytes] = row[row.shape[0] - tail_bytes:]
+        copy(row, row.shape[0] - tail_bytes, wbuf, 0, tail_bytes)
         acc1 = acc1 + decode(fmt, wbuf, 0) * load_f32(xbuf, 0)
     return hsum(acc0 + acc1)
 
@@ -146,7 +154,7 @@ def tail_buffers(x):
     """The scratch dot_row needs for x: (wbuf, xbuf with x's last n_in % 16 values)."""
     n_head = x.shape[0] // LANES * LANES
     xbuf = np.zeros(LANES, np.float32)
-    xbuf[:x.shape[0] - n_head] = x[n_head:]
+    copy(x, n_head, xbuf, 0, x.shape[0] - n_head)
     return np.zeros(4 * LANES, np.uint8), xbuf
 
 
@@ -239,9 +247,9 @@ def _dequant_rows(fmt, w, ids, out, lo, hi):
         for g in range(n_groups):
             store_f32(dst, g * LANES, decode(fmt, row, g))
         if n_tail:
-            wbuf[:tail_bytes] = row[row.shape[0] - tail_bytes:]
+            copy(row, row.shape[0] - tail_bytes, wbuf, 0, tail_bytes)
             store_f32(vbuf, 0, decode(fmt, wbuf, 0))
-            dst[n_groups * LANES:] = vbuf[:n_tail]
+            copy(vbuf, 0, dst, n_groups * LANES, n_tail)
 
 
 @njit(**HELPER)
@@ -316,7 +324,7 @@ def _matmul_chunk(fmt, w, x, out, span):
 
 # ---- kernels, generic in the format (a compile-time constant) ----------------------------------
 
-@njit(**PARALLEL)
+@njit(**SHARED_PARALLEL)
 def matvec(fmt, w, x, out, n_chunks):
     """out = W @ x (x quantised first for Q4_0, Q4_1 and Q8_0 weights).
 
@@ -372,7 +380,7 @@ def matmul(fmt, w, x, out, n_chunks):
 @functools.cache
 def matvec_for(fmt: int):
     """matvec(fmt, ...) as a cached kernel of (w, x, out, n_chunks)."""
-    @njit(**KERNEL)
+    @njit(**SERIAL_KERNEL)
     def matvec_fmt(w, x, out, n_chunks):
         matvec(fmt, w, x, out, n_chunks)
     return matvec_fmt

@@ -17,10 +17,9 @@ from hybridinfer.kernels.cpu import matvec
 from hybridinfer.kernels.ops import ROUND_NONE, ROUND_Q8_0, attention, rms_norm, rope, round_for_dot, store_half_rounded
 
 
-@njit(**dict(HELPER, parallel=True))
+@njit(inline="always", **HELPER)
 def _project(fmt, weight, x, rounded, out, n_chunks):
-    """out[n_out] = W @ x[n_in], x rounded as W's type fmt takes it (into rounded[n_in] where it needs to be).
-    Not inlined: the four projections share one compiled mat-vec where their types agree."""
+    """out[n_out] = W @ x[n_in], x rounded as W's type fmt takes it (into rounded[n_in] where it needs to be)."""
     kind, w = weight
     if kind != ROUND_NONE and kind != ROUND_Q8_0:
         round_for_dot(kind, x.reshape(1, x.shape[0]), rounded.reshape(1, x.shape[0]))

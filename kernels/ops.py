@@ -206,4 +206,5 @@ def round_for_dot(kind, x, out):
             for i in range(x.shape[1]):
                 out[t, i] = _round_mantissa(x[t, i], 7, -125)
         else:
-            out[t] = x[t]
+            for i in range(x.shape[1]):
+                out[t, i] = x[t, i]

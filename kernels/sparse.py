@@ -14,7 +14,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from hybridinfer.kernels.config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL
+from hybridinfer.kernels.config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
 from hybridinfer.kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers
 from hybridinfer.kernels.ops import act
 from hybridinfer.kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
@@ -125,7 +125,7 @@ def gather_matvec(fmt, w, rows, x, out, n_chunks):
         _gather_dots(fmt, w, rows, x, xin, out, (c * n // n_chunks, (c + 1) * n // n_chunks))
 
 
-@njit(**PARALLEL)
+@njit(**SHARED_PARALLEL)
 def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
     """out = sum over k of coeffs[k] * W[rows[k]] (dequantised): the down projection over active neurons.
 
@@ -150,7 +150,7 @@ def select_active(logits, threshold, out):
     return n
 
 
-@njit(**PARALLEL)
+@njit(inline="always", **HELPER)
 def mlp_select(fmt1, w1, fmt2, w2, threshold, x, h, logits, idx, n_chunks):
     """A predictor's decode step: logits = fc2 @ relu(fc1 @ x), then the indices of the logits >=
     threshold into idx (ascending); returns their count.
@@ -202,7 +202,7 @@ def gather_matvec_for(fmt: int):
 @functools.cache
 def sparse_axpy_for(fmt: int):
     """sparse_axpy(fmt, ...) as a cached kernel of (w, rows, coeffs, out, n_chunks)."""
-    @njit(**KERNEL)
+    @njit(**SERIAL_KERNEL)
     def sparse_axpy_fmt(w, rows, coeffs, out, n_chunks):
         sparse_axpy(fmt, w, rows, coeffs, out, n_chunks)
     return sparse_axpy_fmt
@@ -211,7 +211,7 @@ def sparse_axpy_for(fmt: int):
 @functools.cache
 def mlp_select_for(fmt1: int, fmt2: int):
     """mlp_select(fmt1, w1, fmt2, w2, ...) as a cached kernel of (w1, w2, threshold, x, h, logits, idx, n_chunks)."""
-    @njit(**KERNEL)
+    @njit(**SERIAL_KERNEL)
     def mlp_select_fmt(w1, w2, threshold, x, h, logits, idx, n_chunks):
         return mlp_select(fmt1, w1, fmt2, w2, threshold, x, h, logits, idx, n_chunks)
     return mlp_select_fmt
