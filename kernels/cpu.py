@@ -19,7 +19,8 @@ import functools
 
 import numpy as np
 from gguf import GGMLQuantizationType as _T
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
 from .ops import ROUND_Q8_0, quantize_q8_0, round_for_dot
@@ -89,27 +90,26 @@ def _decode_q6_k(row, g):
     return to_f32(ql | (qh << 4)) * scale - np.float32(32) * scale
 
 
-@njit(**HELPER)
 def decode(fmt, row, g):
     """The format table: values [16g, 16g+16) of a row of type fmt, as F32x16.
 
-    fmt is a compile-time constant here (a Literal[int] argument), so numba and LLVM keep only the
-    branch of that format.
+    For kernels only, with fmt a compile-time constant (a Literal[int]): the overload below picks
+    that format's decode function while numba types the caller, so that only its code compiles
+    (numba does not prune an if-chain on a literal argument; all seven decoders compiled into each).
     """
-    if fmt == _Q4_0:
-        return _decode_q4_0(row, g)
-    elif fmt == _Q4_1:
-        return _decode_q4_1(row, g)
-    elif fmt == _Q8_0:
-        return _decode_q8_0(row, g)
-    elif fmt == _Q6_K:
-        return _decode_q6_k(row, g)
-    elif fmt == _F16:
-        return _decode_f16(row, g)
-    elif fmt == _BF16:
-        return _decode_bf16(row, g)
-    else:
-        return _decode_f32(row, g)
+    raise TypeError("decode is called from numba kernels only")
+
+
+_DECODERS = {_Q4_0: _decode_q4_0, _Q4_1: _decode_q4_1, _Q8_0: _decode_q8_0, _Q6_K: _decode_q6_k,
+             _F16: _decode_f16, _BF16: _decode_bf16, _F32: _decode_f32}
+
+
+@overload(decode, prefer_literal=True, inline="always")
+def _decode_format(fmt, row, g):
+    if isinstance(fmt, types.IntegerLiteral) and fmt.literal_value in _DECODERS:
+        decoder = _DECODERS[fmt.literal_value]
+        return lambda fmt, row, g: decoder(row, g)
+    return None  # not a compile-time format: a typing error
 
 
 @njit(inline="always", **HELPER)
