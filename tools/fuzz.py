@@ -124,8 +124,10 @@ def _gguf_case(rng: np.random.Generator, base: Base, modes: list[str]) -> Case:
             else:
                 kvs[i][1:] = BAD_VALUES[rng.integers(len(BAD_VALUES))]
         elif kind == "edit_vocab":
-            key = rng.choice(["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"])
-            kv = next(kv for kv in kvs if kv[0] == key)
+            arrays = [kv for kv in kvs if kv[0] in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                                    "tokenizer.ggml.scores", "tokenizer.ggml.merges")]
+            kv = arrays[rng.integers(len(arrays))]
+            key = kv[0]
             values = list(kv[3])
             action = rng.choice(["element", "shorten", "retype"])
             if action == "shorten":
@@ -135,7 +137,8 @@ def _gguf_case(rng: np.random.Generator, base: Base, modes: list[str]) -> Case:
             else:
                 j = rng.integers(len(values))
                 palette = {"tokenizer.ggml.tokens": BAD_PIECES, "tokenizer.ggml.token_type": BAD_TOKEN_TYPES,
-                           "tokenizer.ggml.scores": [float("nan"), float("inf"), -1e30]}[key]
+                           "tokenizer.ggml.scores": [float("nan"), float("inf"), -1e30],
+                           "tokenizer.ggml.merges": ["a", "", " b", "a  b", "\x00 \x00"] + BAD_PIECES}[key]
                 values[j] = palette[rng.integers(len(palette))]
                 kv[3] = values
         elif kind == "edit_tensor":
