@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,19 @@ def llamacpp_worker(model: Path, n: int, threads: int) -> None:
     print((n - 1) / (time.perf_counter() - start))
 
 
+def cpu_seconds() -> tuple:
+    """(seconds the machine's CPUs spent busy, per /proc/stat (0 without it), CPU seconds of this
+    script's finished children), to tell how much other processes ran during the measurements."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        busy = 0.0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, children.ru_utime + children.ru_stime
+
+
 class BusyCore:
     """One process spinning on the last core this process may use, for the duration of a with-block."""
 
@@ -98,19 +112,24 @@ def main() -> None:
         engines["llama.cpp (silu)"] = lambda t: llamacpp(a.model, a.n, t)
     conditions = ("idle", "busy")
     speeds = {(e, c, t): [] for e in engines for c in conditions for t in a.threads}
-    load_before = os.getloadavg()
+    others = {c: [0.0, 0.0] for c in conditions}  # CPU seconds of other processes, wall seconds
     for r in range(a.rounds):
         for c in conditions if r % 2 == 0 else reversed(conditions):
+            start, (busy, mine) = time.perf_counter(), cpu_seconds()
             with BusyCore() if c == "busy" else contextlib.nullcontext():
                 for e, measure in engines.items():
                     for t in a.threads if r % 2 == 0 else reversed(a.threads):
                         speeds[e, c, t].append(measure(t))
+            end = cpu_seconds()
+            others[c][0] += end[0] - busy - (end[1] - mine)
+            others[c][1] += time.perf_counter() - start
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
 
     A, B = a.threads
+    load = ", ".join(f"{max(0.0, sec / wall):.2f} during the {c} runs" for c, (sec, wall) in others.items())
     print(f"{a.model.name}, {a.n} tokens, median of {a.rounds} rounds; tokens/s; busy: one `{BUSY}` process "
-          f"pinned to core {max(os.sched_getaffinity(0))} of {os.cpu_count()}; load average before "
-          f"{load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}\n")
+          f"pinned to core {max(os.sched_getaffinity(0))} of {os.cpu_count()}; cores kept busy by processes "
+          f"other than these: {load}\n")
     print(f"| engine | -t {A} idle | -t {B} idle | {B}/{A} idle | -t {A} busy | -t {B} busy | {B}/{A} busy | "
           f"-t {B} busy/idle |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
