@@ -11,7 +11,6 @@ kernels/*.py file changes; compile_notice says on stderr when kernels compile in
 
 import contextlib
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,19 +27,6 @@ SERIAL_KERNEL = dict(HELPER, cache=True)
 KERNEL = dict(SERIAL_KERNEL, parallel=True)
 PARALLEL = dict(HELPER, parallel=True, inline="always")
 SHARED_PARALLEL = dict(HELPER, parallel=True)
-
-# Numba's omp layer runs a prange loop as an OpenMP parallel region, whose threads wait for each
-# other at its end and for the next region after it. GNU libgomp makes a waiting thread spin
-# GOMP_SPINCOUNT times before it sleeps: 300,000 by default, about 10 ms here, longer than a
-# scheduler time slice. On a machine whose cores are shared, a spinning thread holds a core that
-# the thread it waits for needs, about 55 times per token: -t 2 decoded 1-5 tokens/s beside other
-# work where -t 1 made 250-300. 1000 spins (about 30 us here, and libgomp's own count when it has
-# more threads than cores) still bridge the gap between two kernel calls, then give the core up
-# (threads.py also gives up the threads whose cores other processes hold). libgomp reads it once,
-# when numba first loads it (threads.py's numba.get_num_threads); a user's own GOMP_SPINCOUNT or
-# OMP_WAIT_POLICY wins.
-if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 _PURE_PYTHON = {"__init__.py", "reference.py", "threads.py"}  # no numba code: edits there keep the cache
 

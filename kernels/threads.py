@@ -9,6 +9,12 @@ where -t 1 kept its 1300. So every WINDOW seconds, the CPU time the machine spen
 minus the CPU time this process spent says how many cores other processes keep busy, and calls use
 at most the cores left. Results do not depend on the count: each output row is computed by one
 thread, in the same order. Without /proc/stat (not Linux), calls use set_threads' count.
+
+The waits themselves are libgomp's: a waiting thread spins GOMP_SPINCOUNT times (300,000, about
+10 ms here) before it sleeps, so a thread waiting for a descheduled one burns its own time slice.
+Once calls give up the busy cores, GOMP_SPINCOUNT=1000 changed nothing measurable beside a busy or a
+half-busy process; it is process-wide, and made llama.cpp (which loads the same libgomp) 1.3-2x
+slower in the same process, so it is left to the user.
 """
 
 import os

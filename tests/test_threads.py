@@ -1,10 +1,7 @@
 """Threads on a shared machine: kernel calls give up the threads whose cores other processes keep
-busy (kernels/threads.py), the count never changes a bit of any result, and libgomp is told to
-stop spinning soon (kernels/config.py)."""
+busy (kernels/threads.py), and the count never changes a bit of any result."""
 
 import os
-import subprocess
-import sys
 
 import numba
 import numpy as np
@@ -107,17 +104,3 @@ def test_same_bits_on_one_thread_or_two(fake_machine):
     assert numba.get_num_threads() == 2
     for name in alone:
         assert np.array_equal(alone[name], shared[name]), name
-
-
-def _spincount(env: dict) -> str:
-    """GOMP_SPINCOUNT in a fresh process once the package is imported."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | env
-    code = "import os; from hybridinfer import kernels; print(os.environ.get('GOMP_SPINCOUNT'))"
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def test_libgomp_spins_briefly_unless_the_user_says_otherwise():
-    assert _spincount({}) == "1000"
-    assert _spincount({"GOMP_SPINCOUNT": "5"}) == "5"
-    assert _spincount({"OMP_WAIT_POLICY": "active"}) == "None"
