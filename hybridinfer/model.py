@@ -109,9 +109,11 @@ class Transformer:
         blk.attn_k(xn, k)
         blk.attn_v(xn, v)
         rope(q3, k3, pos, self.cos, self.sin)
-        # the cache holds f16-rounded values, as llama.cpp's f16 cache does: [n_kv, n_ctx, hd]
-        s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2).astype(np.float16)
-        s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2).astype(np.float16)
+        # the cache holds f16-rounded values, as llama.cpp's f16 cache does: [n_kv, n_ctx, hd]; values
+        # beyond f16's range become inf there too (damaged weights: the sampler reports the NaN logits)
+        with np.errstate(over="ignore"):
+            s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2).astype(np.float16)
+            s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2).astype(np.float16)
         attention(q3, s.k_cache[i], s.v_cache[i], pos, att3, s.scores)
         blk.attn_output(att, y)
         x += y

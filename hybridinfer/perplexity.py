@@ -39,6 +39,8 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int | None, n_chun
         if bos_id is not None:
             chunk[0] = bos_id
         logits = model.forward(chunk, 0, all_logits=True)[first:n_ctx - 1].astype(np.float64)
+        if not np.isfinite(logits).all():
+            raise HybridInferError(f"the model produced non-finite logits in chunk {i + 1}: its weights are damaged")
         targets = chunk[first + 1:]
         peak = logits.max(axis=1)
         log_z = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))

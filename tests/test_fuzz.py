@@ -5,7 +5,7 @@ import fuzz  # tools/ is on sys.path, see conftest.py
 
 
 def test_fuzz_cases_end_in_success_or_one_error_line():
-    counts, findings = fuzz.run(cases=300, seed=2026)
+    counts, findings = fuzz.run(cases=300, seed=2026, limit=60)  # a first compile is no hang
     assert not findings, "\n".join(findings[:20])
     assert counts["ok"] > 10 and counts["error"] > 100  # the cases reach past the checks as well as into them
 

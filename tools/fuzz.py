@@ -7,7 +7,8 @@ in the header or the tensor-info region, a truncation, a metadata value or tenso
 one of another type or range, a damaged vocabulary, garbage weights), of its predictor directory
 (config.json values and safetensors headers), or on an argument list drawn from valid and invalid
 values. A case must end in success or in one `error:` line with a non-zero status. A Python exception
-escaping main (a traceback) or a case still running after --limit seconds (a hang) is a finding;
+escaping main (a traceback), a case still running after --limit seconds (a hang) or a Python warning
+on stderr is a finding;
 the counts of each outcome and every finding are printed. A crash would end this process.
 """
 
@@ -45,6 +46,7 @@ BAD_VALUES = [
 ]
 BAD_PIECES = ["", "\x00", "a\x00b", "<0xZZ>", "<0x100>", "<unk>", "<s>", "\u2581", "\ud800", "x" * 5000]
 BAD_TOKEN_TYPES = [0, 1, 2, 3, 5, 6, 7, 99, -1]
+TEXT = b"And it came to pass, when the king of Israel saw the LORD. " * 8
 BAD_JSON = [None, -1, 0, 1, 10**30, 1e308, float("inf"), float("nan"), "x", [], {}, True, [1, 2], 2**31]
 
 
@@ -166,6 +168,9 @@ def _gguf_case(rng: np.random.Generator, base: Base, modes: list[str]) -> Case:
             data = data[:offset] + b"\xff" * size + data[offset + size:]
         content = gguf_bytes(kvs, infos, data, n_dims)
     mode, temp = str(rng.choice(modes)), str(rng.choice([0, 0.8]))
+    if rng.random() < 0.2:
+        return Case(f"gguf:{kind}", ["perplexity", "{dir}/model.gguf", "-f", "{dir}/text.txt", "-c", "16", "--chunks",
+                                     "2", "-t", "1", "--sparse", mode], {"model.gguf": content, "text.txt": TEXT})
     return Case(f"gguf:{kind}", ["run", "{dir}/model.gguf", "-n", "2", "-t", "1", "--temp", temp, "-p", "The LORD",
                                  "--sparse", mode], {"model.gguf": content})
 
@@ -248,7 +253,7 @@ MODELS = ([str(DEFAULT_MODEL)] * 6, ["{dir}/none.gguf", "{dir}", "{dir}/text.txt
 ARG_FILES = {
     "loop.jinja": b"{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
     "broken.jinja": b"{% for %}", "ok.jinja": b"{{ messages[0]['content'] }}", "binary.bin": bytes(range(256)) * 4,
-    "text.txt": b"And it came to pass, when the king of Israel saw the LORD. " * 8, "empty.txt": b"",
+    "text.txt": TEXT, "empty.txt": b"",
 }
 
 
@@ -272,7 +277,7 @@ def _args_case(rng: np.random.Generator) -> Case:
 
 @dataclass
 class Outcome:
-    kind: str  # ok, error, traceback, hang
+    kind: str  # ok, error, traceback, hang, warning
     detail: str = ""
 
 
@@ -309,6 +314,8 @@ def run_case(case: Case, workdir: Path, limit: float) -> Outcome:
                                     f"{frame.lineno} ({frame.name})")
     if fired.is_set():
         return Outcome("hang", f"still running after {limit:g} s")
+    if "Warning: " in err.getvalue():  # a Python warning is noise around the one line a user should get
+        return Outcome("warning", err.getvalue()[err.getvalue().index("Warning: ") - 40:][:200])
     errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
     if status == 0:
         return Outcome("ok")
@@ -332,7 +339,7 @@ def run(cases: int, seed: int, limit: float = 20.0, verbose: bool = False,
             outcome = run_case(case, Path(tmp) / "case", limit)
             counts[outcome.kind] += 1
             line = f"case {i} [{case.kind}] {outcome.kind}: {outcome.detail} argv={case.argv}"
-            if outcome.kind in ("traceback", "hang"):
+            if outcome.kind in ("traceback", "hang", "warning"):
                 findings.append(line)
             if verbose:
                 print(line, file=sys.stderr)
@@ -351,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in findings:
         print(line)
     print(f"{args.cases} cases (seed {args.seed}): " + ", ".join(f"{counts[k]} {k}" for k in
-                                                                 ("ok", "error", "traceback", "hang")))
+                                                                 ("ok", "error", "traceback", "hang", "warning")))
     return 1 if findings else 0
 
 
