@@ -149,14 +149,16 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
     default_predictor = DEFAULT_PREDICTOR if path == DEFAULT_MODEL and args.sparse in (None, "predicted") else None
     predictor_dir = args.predictor or default_predictor
     mode = _sparse_mode(args, margs.ffn_act, predictor_dir)
-    weights = load_weights(gguf, margs)
-    predictor = None
-    if mode == "predicted":
-        try:
-            predictor = PredictorSet.load(predictor_dir, model_fingerprint(gguf, margs), args.predictor_type)
-        except PredictorError as e:
-            raise HybridInferError(str(e)) from None
-    sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
-    ffn = make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity)
-    model = Transformer(margs, weights, n_ctx, ffn)
+    with kernels.compile_notice():  # a first run compiles its kernels here, before any text streams
+        weights = load_weights(gguf, margs)
+        predictor = None
+        if mode == "predicted":
+            try:
+                predictor = PredictorSet.load(predictor_dir, model_fingerprint(gguf, margs), args.predictor_type)
+            except PredictorError as e:
+                raise HybridInferError(str(e)) from None
+        sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
+        ffn = make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity)
+        model = Transformer(margs, weights, n_ctx, ffn)
+        model.warm_up()
     return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity)
