@@ -145,21 +145,18 @@ def test_tiny_repeat_penalty_still_samples():
 def test_ctrl_c_prints_the_timings_so_far(monkeypatch, capsys):
     """Ctrl-C while generating ends as llama.cpp ends: the text so far, its timings, exit status 130."""
     from hybridinfer import cli as entry
-    from hybridinfer.model import Transformer
+    from hybridinfer.sampling import Sampler
 
-    forward, calls = Transformer.forward, []
+    class InterruptedAtTheFifthToken(Sampler):
+        def __call__(self, logits):
+            if len(self.recent) == 10 + 4:  # the default prompt's 10 tokens and 4 generated
+                raise KeyboardInterrupt
+            return super().__call__(logits)
 
-    def interrupted_at_the_fifth_token(self, tokens, pos, all_logits=False):
-        calls.append(pos)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return forward(self, tokens, pos, all_logits)
-
-    monkeypatch.setattr(Transformer, "forward", interrupted_at_the_fifth_token)
+    monkeypatch.setattr("hybridinfer.commands.run.Sampler", InterruptedAtTheFifthToken)
     assert entry.main(["run", "-n", "20", "--temp", "0", "-t", "1"]) == 130
     err = capsys.readouterr().err
     assert "eval time" in err and "/     3 runs" in err and "stopped by interrupted" in err
-    calls.clear()
     assert entry.main(["run", "-n", "20", "--temp", "0", "-t", "1", "--json"]) == 130
     out = json.loads(capsys.readouterr().out)
     assert out["stopped_by"] == "interrupted" and out["generated_tokens"] == 4
