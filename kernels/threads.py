@@ -5,9 +5,9 @@ Numba's omp layer runs each prange loop as an OpenMP parallel region: the callin
 others and waits for all of them at the region's end, about 55 times per token for the tiny model.
 When another process keeps a core busy, the thread placed there runs only in its time slices, and
 every region waits for it: beside one busy process, -t 2 decoded the tiny model at 8-400 tokens/s
-where -t 1 kept its 1300. So every WINDOW seconds, the CPU time the machine spent (/proc/stat, over this process's CPUs)
-minus the CPU time this process spent says how many cores other processes keep busy, and calls use
-at most the cores left. Results do not depend on the count: each output row is computed by one
+where -t 1 kept its 1300. So every WINDOW seconds, the CPU time the machine spent (/proc/stat, over
+this process's CPUs) minus the CPU time this process spent says how many cores other processes keep
+busy, and calls use at most the cores left. Results do not depend on the count: each output row is computed by one
 thread, in the same order. Without /proc/stat (not Linux), calls use set_threads' count.
 
 The waits themselves are libgomp's: a waiting thread spins GOMP_SPINCOUNT times (300,000, about
