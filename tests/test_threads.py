@@ -2,6 +2,7 @@
 busy (kernels/threads.py), and the count never changes a bit of any result."""
 
 import os
+from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -23,10 +24,12 @@ def blocks(qtype, n_out, n_in):
 
 @pytest.fixture
 def fake_machine(monkeypatch):
-    """Two CPUs whose busy seconds the test says: samples.append((machine busy s, our CPU s))."""
+    """Two CPUs whose busy seconds the test says: samples.append((machine busy s, our CPU s)); the
+    clock stands still at 1000 s, so that only the test's own _look calls take samples."""
     samples = []
     monkeypatch.setattr(threads, "_CPUS", frozenset({0, 1}))
     monkeypatch.setattr(threads, "_sample", lambda now: (*samples.pop(0), now) if samples else None)
+    monkeypatch.setattr(threads, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     before = kernels.get_threads()
     yield samples
     monkeypatch.undo()
@@ -41,7 +44,7 @@ def test_calls_use_the_cores_others_leave_free(fake_machine):
     fake_machine.append((10.4, 1.2))  # 0.2 s: we used 0.2 CPU s, others 0.2: one core busy
     threads._look(t0 + 0.2)
     assert (threads.team(), numba.get_num_threads(), kernels.get_threads()) == (1, 1, 2)
-    fake_machine.append((10.8, 1.5))  # others used 0.1 CPU s in 0.2 s: half a core, rounded to none
+    fake_machine.append((10.76, 1.5))  # others used 0.06 CPU s in 0.2 s: 0.3 of a core, rounded to none
     threads._look(t0 + 0.4)
     assert (threads.team(), numba.get_num_threads()) == (2, 2)
     fake_machine.append((30.0, 1.5))  # much later: the window is too old to tell the load now
