@@ -132,6 +132,56 @@ def _request(model: Transformer, texts: list[Path], n_tokens: int, model_id: str
             "texts": files}
 
 
+@dataclass
+class Plan:
+    """The chunks of text to run: token streams of the files and (source, offset, length) chunks."""
+
+    streams: list[list[int]]
+    chunks: list[Chunk]
+    bos: int | None
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+
+def plan(tokenizer: Tokenizer, texts: list[Path], n_tokens: int, n_ctx: int) -> Plan:
+    """Tokenize the texts and choose up to n_tokens tokens of chunks of n_ctx (see plan_chunks)."""
+    streams = []
+    for path in texts:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise HybridInferError(f"cannot read text file '{path}': {getattr(e, 'strerror', None) or e}") from None
+        streams.append(tokenizer.encode(text, add_special=False))
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    chunks, start = [], 0
+    for source, offset, length in plan_chunks(streams, n_tokens, n_ctx, bos):
+        chunks.append(Chunk(source, offset, start, length))
+        start += length
+    if not chunks:
+        raise HybridInferError(f"the texts {', '.join(map(str, texts))} hold fewer than 2 tokens: give more text")
+    return Plan(streams, chunks, bos)
+
+
+def replay(model: Transformer, p: Plan, sink, progress: bool, desc: str) -> None:
+    """Run the model over the plan's chunks, handing each FFN layer's (layer, first row, resid, active
+    mask) to sink: the rows are the chunks' rows in the recorded arrays (Chunk.start onwards)."""
+    recorder = RecordingFFN(model.ffn, model.args, model.n_batch)
+    inner, model.ffn = model.ffn, recorder
+    try:
+        with progress_bar(total=p.n_tokens, unit="tok", desc=desc, disable=not progress) as bar:
+            for c in p.chunks:
+                n_text = c.length - (p.bos is not None)
+                tokens = ([p.bos] if p.bos is not None else []) + p.streams[c.source][c.offset:c.offset + n_text]
+                for i in range(0, len(tokens), model.n_batch):  # one forward step per sink call
+                    recorder.sink = lambda layer, x, mask, row=c.start + i: sink(layer, row, x, mask)
+                    model.forward(np.array(tokens[i:i + model.n_batch]), i)
+                bar.update(c.length)
+    finally:
+        model.ffn = inner
+
+
 def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_tokens: int, work_dir: str | Path,
             progress: bool = True, model_id: str | None = None) -> Collection:
     """Run model over up to n_tokens tokens of texts in chunks of model.n_ctx; record into work_dir.
@@ -150,46 +200,19 @@ def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_token
                 print(f"reusing the activations collected in {work_dir}", file=sys.stderr)
             return Collection.open(work_dir)
     (work_dir / INDEX).unlink(missing_ok=True)  # written last: marks a complete collection
-    streams = []
-    for path in texts:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise HybridInferError(f"cannot read text file '{path}': {getattr(e, 'strerror', None) or e}") from None
-        streams.append(tokenizer.encode(text, add_special=False))
-    bos = tokenizer.bos_id if tokenizer.add_bos else None
-    plan = plan_chunks(streams, n_tokens, model.n_ctx, bos)
-    if not plan:
-        raise HybridInferError(f"the texts {', '.join(map(str, texts))} hold fewer than 2 tokens: give more text")
-    chunks, start = [], 0
-    for source, offset, length in plan:
-        chunks.append(Chunk(source, offset, start, length))
-        start += length
-    col = Collection(work_dir, a.n_layer, a.n_embd, a.n_ff, start, [str(p) for p in texts], chunks)
-    resid = [np.lib.format.open_memmap(work_dir / f"resid_{i}.npy", "w+", np.float16, (start, a.n_embd))
+    p = plan(tokenizer, texts, n_tokens, model.n_ctx)
+    n = p.n_tokens
+    col = Collection(work_dir, a.n_layer, a.n_embd, a.n_ff, n, [str(t) for t in texts], p.chunks)
+    resid = [np.lib.format.open_memmap(work_dir / f"resid_{i}.npy", "w+", np.float16, (n, a.n_embd))
              for i in range(a.n_layer)]
-    masks = [np.lib.format.open_memmap(work_dir / f"mask_{i}.npy", "w+", np.uint8, (start, -(-a.n_ff // 8)))
+    masks = [np.lib.format.open_memmap(work_dir / f"mask_{i}.npy", "w+", np.uint8, (n, -(-a.n_ff // 8)))
              for i in range(a.n_layer)]
-    recorder = RecordingFFN(model.ffn, a, model.n_batch)
-    cursor = [0]
 
-    def sink(layer, x, mask):
-        resid[layer][cursor[0]:cursor[0] + len(x)] = x
-        masks[layer][cursor[0]:cursor[0] + len(x)] = np.packbits(mask, axis=1)
+    def sink(layer, row, x, mask):
+        resid[layer][row:row + len(x)] = x
+        masks[layer][row:row + len(x)] = np.packbits(mask, axis=1)
 
-    recorder.sink = sink
-    inner, model.ffn = model.ffn, recorder
-    try:
-        with progress_bar(total=start, unit="tok", desc="collect", disable=not progress) as bar:
-            for c in chunks:
-                n_text = c.length - (bos is not None)
-                tokens = ([bos] if bos is not None else []) + streams[c.source][c.offset:c.offset + n_text]
-                for i in range(0, len(tokens), model.n_batch):  # one forward step per sink call
-                    cursor[0] = c.start + i
-                    model.forward(np.array(tokens[i:i + model.n_batch]), i)
-                bar.update(c.length)
-    finally:
-        model.ffn = inner
+    replay(model, p, sink, progress, "collect")
     for arr in resid + masks:
         arr.flush()
     del resid, masks
