@@ -3,10 +3,10 @@
 import argparse
 import sys
 
-from hybridinfer.commands import bench, perplexity, run
+from hybridinfer.commands import bench, perplexity, profile, run
 from hybridinfer.errors import EXIT_INTERRUPTED, HybridInferError
 
-COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench}
+COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench, "profile": profile}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
-"""Run the engine over text and record, per layer, the FFN input and the true active set, on disk.
+"""Run the engine over text and record, per layer, the FFN input and the true active set, on disk
+(collect, for training predictors), or count how often each neuron is active (profile).
 
 Per layer L the work directory holds resid_L.npy (f16 [N, n_embd], the residual stream before
 ffn_norm, the predictor's input) and mask_L.npy (uint8 [N, ceil(n_ff / 8)], np.packbits of the
@@ -18,6 +19,8 @@ from hybridinfer.errors import HybridInferError
 from hybridinfer.ffn import active_mask
 from hybridinfer.loader import ModelArgs
 from hybridinfer.model import Transformer
+from hybridinfer.predictors.activity import ActivationStats
+from hybridinfer.predictors.format import Fingerprint
 from hybridinfer.tokenizer import Tokenizer
 
 INDEX = "collection.json"
@@ -218,3 +221,17 @@ def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_token
     del resid, masks
     col.save_index(request)
     return col
+
+
+def profile(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_tokens: int, fingerprint: Fingerprint,
+            progress: bool = True) -> ActivationStats:
+    """Count, per layer and neuron, the tokens among up to n_tokens tokens of texts (chunks of
+    model.n_ctx, as collect takes them) for which the neuron was truly active."""
+    p = plan(tokenizer, texts, n_tokens, model.n_ctx)
+    counts = [np.zeros(model.args.n_ff, np.int64) for _ in range(model.args.n_layer)]
+
+    def sink(layer, row, x, mask):
+        counts[layer] += np.count_nonzero(mask, axis=0)
+
+    replay(model, p, sink, progress, "profile")
+    return ActivationStats(counts, p.n_tokens, fingerprint)

@@ -61,15 +61,15 @@ class Fingerprint:
                                  f"n_embd, n_ff as integers >= 1, layout_sha256): regenerate the directory")
         return cls(d["architecture"], *sizes, d["layout_sha256"])
 
-    def check(self, expected: "Fingerprint", where: str) -> None:
-        """PredictorError naming the first field that differs from the model's."""
+    def check(self, expected: "Fingerprint", where: str, fix: str = RETRAIN) -> None:
+        """PredictorError naming the first field that differs from the model's, and fix."""
         for name in ("architecture", "n_layer", "n_embd", "n_ff", "layout_sha256"):
             got, want = getattr(self, name), getattr(expected, name)
             if got != want:
                 if name == "layout_sha256":
                     got, want = got[:12], want[:12]
-                raise PredictorError(f"{where} was trained for another model ({name} {got}, this model's is "
-                                     f"{want}): {RETRAIN}")
+                raise PredictorError(f"{where} was made for another model ({name} {got}, this model's is "
+                                     f"{want}): {fix}")
 
 
 def fingerprint(architecture: str, n_layer: int, n_embd: int, n_ff: int,

@@ -30,5 +30,6 @@ def test_wheel_installs_only_hybridinfer(tmp_path: Path):
     package = site / "hybridinfer"
     for module in ("kernels/__init__.py", "kernels/cpu.py", "predictors/__init__.py", "predictors/format.py",
                    "commands/run.py", "models/tiny-relu-llama.q8_0.gguf",
-                   "models/tiny-relu-llama.predictor/predictor.safetensors"):
+                   "models/tiny-relu-llama.predictor/predictor.safetensors",
+                   "models/tiny-relu-llama.stats.safetensors"):
         assert (package / module).is_file(), module

@@ -21,6 +21,7 @@ from hybridinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"
 DEFAULT_PREDICTOR = DEFAULT_MODEL.with_suffix("").with_suffix(".predictor")  # used with the default model
+DEFAULT_STATS = DEFAULT_MODEL.with_suffix("").with_suffix(".stats.safetensors")  # its activation profile
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # numba's pool size, fixed when it starts: the machine's cores
 DEFAULT_THREADS = MAX_THREADS
 
@@ -58,8 +59,10 @@ def ffn_act_arg(text: str) -> FFNActivation:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None, ctx_help: str | None) -> None:
-    """The model, threads and FFN activation options; -c unless ctx_default is None."""
+def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None, ctx_help: str | None,
+                        sparse_options: bool = True) -> None:
+    """The model, threads and FFN activation options; -c unless ctx_default is None; the FFN mode
+    and predictor options unless sparse_options is False (the command then runs dense)."""
     parser.add_argument("model", nargs="?", type=Path, help=f"GGUF file (default: {DEFAULT_MODEL.name}, shipped)")
     parser.add_argument("-m", "--model", dest="model_opt", type=Path, metavar="MODEL", help="GGUF file")
     if ctx_default is not None:
@@ -69,6 +72,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
                         help=f"threads (default: {DEFAULT_THREADS})")
     parser.add_argument("--ffn-act", type=ffn_act_arg, metavar="silu|relu|fatrelu:T",
                         help="FFN activation (default: the file's hybridinfer.ffn_activation, silu where it has none)")
+    if not sparse_options:
+        parser.set_defaults(sparse="off", predictor=None, predictor_type=DEFAULT_QTYPE)
+        return
     parser.add_argument("--sparse", choices=SPARSE_MODES,
                         help="FFN mode (default: predicted with --predictor, else exact for ReLU/FATReLU "
                              "models, else off)")
