@@ -246,9 +246,14 @@ COMMAND_OPTIONS = {
         "--chunks": (["-1", "1"], ["0", "-7"]),
     },
     "bench": {"-p": (["0", "4"], ["1000000000", "-1"]), "-n": (["0", "2"], ["-1"]), "-r": (["1"], ["0"])},
+    "profile": {"--data": (["{dir}/text.txt"], ["{dir}/none", "{dir}/binary.bin", "{dir}/empty.txt"]),
+                "--tokens": (["2", "64"], ["1", "-1", "x"]), "-c": (["0", "16"], ["1", "100000"]),
+                "--plot": (["{dir}/plot.png"], ["{dir}/none/plot.png"]), "-o": (["{dir}/s.safetensors"], ["{dir}"])},
 }
 DEFAULTS = {"run": ["-n", "2"], "perplexity": ["-c", "16", "--chunks", "1", "-f", "{dir}/text.txt"],
-            "bench": ["-p", "8", "-n", "2", "-r", "1"]}
+            "bench": ["-p", "8", "-n", "2", "-r", "1"],
+            "profile": ["--data", "{dir}/text.txt", "-o", "{dir}/s.safetensors", "--tokens", "64"]}
+SPARSE_OPTIONS = ("--sparse", "--predictor", "--predictor-type")  # profile runs dense and has none
 MODELS = ([str(DEFAULT_MODEL)] * 6, ["{dir}/none.gguf", "{dir}", "{dir}/text.txt", "{dir}/empty.txt"])
 ARG_FILES = {
     "loop.jinja": b"{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
@@ -263,10 +268,10 @@ def _draw(rng: np.random.Generator, choices: tuple[list[str], list[str]]) -> str
 
 
 def _args_case(rng: np.random.Generator) -> Case:
-    command = str(rng.choice(["run"] * 4 + ["perplexity", "bench"]))
+    command = str(rng.choice(["run"] * 4 + ["perplexity", "bench", "profile"]))
     argv = [command, _draw(rng, MODELS)]
     for name, choices in {**MODEL_OPTIONS, **COMMAND_OPTIONS[command]}.items():
-        if rng.random() < 0.25:
+        if rng.random() < 0.25 and not (command == "profile" and name in SPARSE_OPTIONS):
             argv += [name, _draw(rng, choices)]
     for i in range(0, len(DEFAULTS[command]), 2):
         if DEFAULTS[command][i] not in argv:
