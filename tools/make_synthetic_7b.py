@@ -1,22 +1,34 @@
 """Make a ProSparse-7B-shaped llama GGUF with made-up Q4_0 weights, and a made-up predictor for it.
 
-32 layers, n_embd 4096, n_ff 11008, 32 heads, vocabulary 32000, ReLU FFN; about 3.8 GB. The
-predictor (rank 1024) has random weights and per-layer thresholds set, on 16 random tokens decoded
-one at a time as bench's tg does, at the quantile that leaves --active of the neurons active; the
-residual stream of predicted decoding differs from dense decoding's, so the thresholds are set again
-on predicted decoding with the previous ones, three times. Honest for speed, meaningless
-for text: use it only to compare decoding speed with llama.cpp on the same file.
+32 layers, n_embd 4096, n_ff 11008, 32 heads, vocabulary 32000, ReLU FFN; about 3.8 GB. Honest for
+speed, meaningless for text: use it only to compare decoding speed with llama.cpp on the same file,
+or to place hot and cold neurons.
+
+Neurons fire as in real ReLU models, a few often and most rarely: each neuron of each layer gets a
+target firing rate from a power law (--top-share of all activations carried by the hottest 20% of
+neurons, PowerInfer's 80/20 for ReLU 7B models by default; mean --active), the hottest in a random
+order per layer. The rates come from a bias channel: every token embedding holds the constant
+BIAS_VALUE in coordinate 0, which no other matrix reads or writes, and each gate row's first Q4_0
+block holds only a per-neuron weight on that coordinate, chosen on --calibration-tokens random
+tokens (prefilled, layer by layer) so that the neuron fires at its rate. The predictor (rank 1024)
+has random weights plus the same kind of per-neuron offset through its first BIAS_RANK hidden units,
+which read coordinate 0; offsets and per-layer thresholds are set on 16 random tokens decoded one at
+a time as bench's tg does, so that each neuron is predicted at its rate and --active of all neurons
+overall; the residual stream of predicted decoding differs from dense decoding's, so they are set
+again on predicted decoding with the previous ones, three times. Predicted and true sets follow the
+same rates but are otherwise independent: recall is low, speed is what the file is for.
 
     python tools/make_synthetic_7b.py -o /tmp/synth7b.gguf
     hybridinfer bench -m /tmp/synth7b.gguf --predictor /tmp/synth7b.predictor -p 0 -n 16 -r 3 --vs-llamacpp
 """
 
 import argparse
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
 from bench_ffn import random_matrix
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.ffn import make_ffn
@@ -26,13 +38,55 @@ from hybridinfer.predictors import PredictorSet, PredictorWeights, fingerprint, 
 
 Q4_0 = GGMLQuantizationType.Q4_0
 SCALE = 0.002  # every block's scale: keeps activations finite over 32 layers
+BIAS_VALUE = 1.0  # coordinate 0 of every token embedding: the bias channel
+BIAS_RANK = 32  # predictor hidden units carrying the offsets: one whole Q4_0 block of fc2, which q4_0 keeps exact
+TOP = 0.2  # --top-share is the share of activations carried by this share of neurons, hottest first
+MAX_RATE = 0.99  # no neuron fires always: its offset would be infinite
+
+
+def power_law_rates(n: int, active: float, top_share: float) -> np.ndarray:
+    """Firing rates f64[n], hottest first: min(MAX_RATE, A * x^-alpha) at x = (k + 0.5) / n, with alpha and A
+    chosen (by bisection) so that the mean is `active` and the hottest TOP of neurons carry top_share."""
+    x = (np.arange(n) + 0.5) / n
+
+    def rates(alpha: float) -> np.ndarray:
+        lo, hi = 0.0, MAX_RATE  # A: the rate at x = 1 is A, so A > MAX_RATE would leave every rate at the cap
+        for _ in range(60):
+            a = (lo + hi) / 2
+            lo, hi = (a, hi) if np.minimum(MAX_RATE, a * x ** -alpha).mean() < active else (lo, a)
+        return np.minimum(MAX_RATE, lo * x ** -alpha)
+
+    lo, hi = 0.0, 8.0
+    for _ in range(40):
+        alpha = (lo + hi) / 2
+        r = rates(alpha)
+        lo, hi = (alpha, hi) if r[:round(TOP * n)].sum() / r.sum() < top_share else (lo, alpha)
+    return rates(lo)
+
+
+def layer_rates(rng, n_layer: int, n_ff: int, active: float, top_share: float) -> list[np.ndarray]:
+    """power_law_rates per layer, in a random neuron order per layer: the hot neurons are not the first rows."""
+    rates = power_law_rates(n_ff, active, top_share)
+    return [rng.permutation(rates) for _ in range(n_layer)]
 
 
 def q4_0_blocks(rng, n_out: int, n_in: int) -> np.ndarray:
     return random_matrix(rng, Q4_0, n_in, n_out, SCALE).data
 
 
+def _f16_bytes(values) -> np.ndarray:
+    return np.atleast_1d(np.asarray(values, np.float16)).view(np.uint8).reshape(-1, 2)
+
+
+def without_bias_input(data: np.ndarray) -> np.ndarray:
+    """Q4_0 rows with element 0 (the low nibble of byte 2, after the f16 scale) set to code 8, value 0."""
+    data[:, 2] = (data[:, 2] & 0xF0) | 8
+    return data
+
+
 def write_model(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_vocab: int, seed: int) -> None:
+    """Random Q4_0 weights around the bias channel: embeddings hold BIAS_VALUE in coordinate 0, only gate rows
+    read it (their first block is the bias weight alone, 0 until set_gate_offsets), nothing writes it."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
     w.add_name("synthetic ProSparse-7B-shaped model (made-up weights, speed only)")
@@ -50,21 +104,65 @@ def write_model(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
     ones = np.ones(n_embd, np.float32)
-    w.add_tensor("token_embd.weight", q4_0_blocks(rng, n_vocab, n_embd), raw_dtype=Q4_0)
+    embd = q4_0_blocks(rng, n_vocab, n_embd)
+    embd[:, 0:2] = _f16_bytes(-BIAS_VALUE / 8)  # code 0 is -8 * scale: BIAS_VALUE, the rest of the block 0
+    embd[:, 2:18] = 0x88
+    embd[:, 2] = 0x80
+    w.add_tensor("token_embd.weight", embd, raw_dtype=Q4_0)
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"blk.{i}.{name}.weight", q4_0_blocks(rng, n_embd, n_embd), raw_dtype=Q4_0)
+        for name in ("attn_q", "attn_k", "attn_v"):
+            w.add_tensor(f"blk.{i}.{name}.weight", without_bias_input(q4_0_blocks(rng, n_embd, n_embd)), raw_dtype=Q4_0)
+        out = q4_0_blocks(rng, n_embd, n_embd)
+        out[0] = 0  # scale 0: row 0 writes nothing to the bias coordinate
+        w.add_tensor(f"blk.{i}.attn_output.weight", out, raw_dtype=Q4_0)
         w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", q4_0_blocks(rng, n_ff, n_embd), raw_dtype=Q4_0)
-        w.add_tensor(f"blk.{i}.ffn_up.weight", q4_0_blocks(rng, n_ff, n_embd), raw_dtype=Q4_0)
-        w.add_tensor(f"blk.{i}.ffn_down.weight", q4_0_blocks(rng, n_embd, n_ff), raw_dtype=Q4_0)
+        gate = q4_0_blocks(rng, n_ff, n_embd)
+        gate[:, 0:2] = 0  # the bias weight's scale, set by set_gate_offsets
+        gate[:, 2:18] = 0x88
+        gate[:, 2] = 0x80  # element 0 is code 0, -8 * scale: the bias weight
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", gate, raw_dtype=Q4_0)
+        w.add_tensor(f"blk.{i}.ffn_up.weight", without_bias_input(q4_0_blocks(rng, n_ff, n_embd)), raw_dtype=Q4_0)
+        down = q4_0_blocks(rng, n_embd, n_ff)
+        down[0] = 0
+        w.add_tensor(f"blk.{i}.ffn_down.weight", down, raw_dtype=Q4_0)
     w.add_tensor("output_norm.weight", ones)
     w.add_tensor("output.weight", q4_0_blocks(rng, n_vocab, n_embd), raw_dtype=Q4_0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def offsets_for_rates(y: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Per-neuron offsets b f32[n] such that y + b > 0 on a share `rates` of tokens, for y[T, n] taken as
+    normal per neuron (a few hundred tokens cannot count a rate of 1e-3)."""
+    z = np.array([NormalDist().inv_cdf(r) for r in rates])
+    return (y.std(0) * z - y.mean(0)).astype(np.float32)
+
+
+def set_gate_offsets(path: Path, rates: list[np.ndarray], n_tokens: int, seed: int) -> None:
+    """Per layer, in order, each gate row's weight on the bias coordinate that makes its neuron fire at its
+    rate over n_tokens random tokens, prefilled; written into the file as the layer's turn comes, so that the
+    later layers see the earlier ones' final activations."""
+    gates = {t.name: t.data for t in GGUFReader(path, "r+").tensors if t.name.endswith("ffn_gate.weight")}
+    gguf = GGUFFile(path)  # maps the same pages: it reads each layer's offsets once written
+    args = ModelArgs.from_metadata(gguf.metadata)
+    weights = load_weights(gguf, args)
+    dense = make_ffn("off", args, weights.blk, n_tokens)
+    z = np.zeros((n_tokens, args.n_ff), np.float32)
+
+    def ffn(layer, blk, resid, xn, out):
+        blk.ffn_gate(xn, z)  # the offsets are 0 yet: the random part alone
+        # in units of the bias coordinate, which each token's norm scales as it scales the rest
+        offsets = offsets_for_rates(z / xn[:, :1], rates[layer])
+        gates[f"blk.{layer}.ffn_gate.weight"][:, 0:2] = _f16_bytes(-offsets / 8)
+        dense(layer, blk, resid, xn, out)
+
+    tokens = np.random.default_rng(seed).integers(3, args.n_vocab, n_tokens)
+    Transformer(args, weights, n_tokens, ffn, n_batch=n_tokens).forward(tokens, 0)
+    for data in gates.values():
+        data.base.flush()
 
 
 class _Recorder:
@@ -78,8 +176,8 @@ class _Recorder:
         self.ffn(layer, blk, resid, xn, out)
 
 
-def write_predictor(model_path: Path, out: Path, rank: int, active: float, n_tokens: int, seed: int,
-                    rounds: int = 3) -> None:
+def write_predictor(model_path: Path, out: Path, rank: int, rates: list[np.ndarray], active: float, n_tokens: int,
+                    seed: int, rounds: int = 3) -> None:
     gguf = GGUFFile(model_path)
     args = ModelArgs.from_metadata(gguf.metadata)
     weights = load_weights(gguf, args)
@@ -87,7 +185,13 @@ def write_predictor(model_path: Path, out: Path, rank: int, active: float, n_tok
     tokens = rng.integers(3, args.n_vocab, n_tokens)
     fc1 = [(rng.standard_normal((rank, args.n_embd)) / np.sqrt(args.n_embd)).astype(np.float16)
            for _ in range(args.n_layer)]
+    for w1 in fc1:  # the first BIAS_RANK hidden units read the bias coordinate alone, the others never
+        w1[:, 0] = 0
+        w1[:BIAS_RANK] = 0
+        w1[:BIAS_RANK, 0] = 1
     fc2 = [(rng.standard_normal((args.n_ff, rank)) / np.sqrt(rank)).astype(np.float16) for _ in range(args.n_layer)]
+    for w2 in fc2:
+        w2[:, :BIAS_RANK] = 0
     thresholds = None
     for _ in range(rounds + 1):
         if thresholds is None:  # first round: dense decoding
@@ -101,12 +205,17 @@ def write_predictor(model_path: Path, out: Path, rank: int, active: float, n_tok
         thresholds = []
         for i in range(args.n_layer):
             x = np.concatenate(recorder.inputs[i])
+            fc2[i][:, :BIAS_RANK] = 0
             logits = np.maximum(x @ fc1[i].T.astype(np.float32), 0) @ fc2[i].T.astype(np.float32)
+            offsets = offsets_for_rates(logits, rates[i])
+            fc2[i][:, :BIAS_RANK] = (offsets / (BIAS_RANK * BIAS_VALUE))[:, None]
+            logits += fc2[i][:, :1].astype(np.float32).T * (BIAS_RANK * BIAS_VALUE)
             thresholds.append(float(np.quantile(logits, 1 - active)))
     fp = fingerprint("llama", args.n_layer, args.n_embd, args.n_ff, {n: t.shape for n, t in gguf.tensors.items()})
     save(out, PredictorWeights(fc1, fc2, thresholds, fp,
-                               {"training": {"what": f"made-up: random weights, thresholds for {active:.0%} active "
-                                                     f"on {n_tokens} random tokens decoded; speed only"}}))
+                               {"training": {"what": f"made-up: random weights, per-neuron offsets for power-law rates "
+                                                     f"and thresholds for {active:.0%} active on {n_tokens} random "
+                                                     f"tokens decoded; speed only"}}))
 
 
 def main() -> None:
@@ -114,11 +223,17 @@ def main() -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="GGUF file to write; DIR.predictor beside it")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--rank", type=int, default=1024)
-    p.add_argument("--active", type=float, default=0.11, help="share of neurons the predictor marks active")
+    p.add_argument("--active", type=float, default=0.11, help="mean firing rate, truly and as predicted")
+    p.add_argument("--top-share", type=float, default=0.8,
+                   help=f"share of activations carried by the hottest {TOP:.0%} of neurons (PowerInfer's 80/20)")
+    p.add_argument("--calibration-tokens", type=int, default=128, help="random tokens that set the gate offsets")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    write_model(a.output, a.layers, 4096, 11008, 32, 32000, a.seed)
-    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, a.active, 16, a.seed + 1)
+    n_ff = 11008
+    rates = layer_rates(np.random.default_rng(a.seed + 2), a.layers, n_ff, a.active, a.top_share)
+    write_model(a.output, a.layers, 4096, n_ff, 32, 32000, a.seed)
+    set_gate_offsets(a.output, rates, a.calibration_tokens, a.seed + 3)
+    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, rates, a.active, 32, a.seed + 1)
     print(a.output, a.output.with_suffix(".predictor"))
 
 
