@@ -8,9 +8,11 @@ true active set on disk, trains one fc1 -> ReLU -> fc2 MLP per layer with torch,
 threshold on held-out chunks for --target-recall, keeps the epoch with the highest predicted
 sparsity there, and writes DIR (config.json + predictor.safetensors). The per-layer table printed
 at the end (and stored in config.json) is measured on further held-out chunks of the same texts.
-Train on other text than you evaluate on. On text unlike the training text recall comes out lower
-(tiny-relu-llama: 0.95 on held-out chunks gave 0.89 on its Bible validation text), so leave a
-margin with --target-recall (its shipped predictor uses 0.99, which gives 0.966 there).
+Train on other text than you evaluate on, and on the model's own training distribution: on text
+unlike the training text recall comes out lower (tiny-relu-llama: trained on Shakespeare and
+WikiText, 0.95 on held-out chunks gave 0.89 on its Bible validation text). Even then leave a margin
+with --target-recall: its shipped predictor, trained on its own KJV and Shakespeare, uses 0.99,
+which gives 0.976 on its validation text, where 0.97 gives 0.941.
 """
 
 import argparse
