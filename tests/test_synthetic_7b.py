@@ -28,8 +28,8 @@ def synthetic(tmp_path_factory):
     path = tmp_path_factory.mktemp("synth") / "synth.gguf"
     rates = synth.layer_rates(np.random.default_rng(0), N_LAYER, N_FF, ACTIVE, TOP_SHARE)
     synth.write_model(path, N_LAYER, N_EMBD, N_FF, 4, N_VOCAB, 0)
-    synth.set_gate_offsets(path, rates, N_TOKENS, 1)
-    synth.write_predictor(path, path.with_suffix(".predictor"), 64, rates, ACTIVE, 32, 2)
+    synth.set_gate_offsets(path, rates, 16, 32, 1)
+    synth.write_predictor(path, path.with_suffix(".predictor"), 64, rates, 16, 32, 2)
     gguf = GGUFFile(path)
     args = ModelArgs.from_metadata(gguf.metadata)
     return args, load_weights(gguf, args), path.with_suffix(".predictor"), rates
@@ -72,5 +72,4 @@ def test_predicted_rates_follow_the_power_law(synthetic, qtype):
     model = Transformer(args, weights, n_tokens, recorded)
     for pos, token in enumerate(np.random.default_rng(9).integers(3, N_VOCAB, n_tokens)):
         model.forward(np.array([token]), pos)
-    # offsets set on 32 tokens: looser than the gate's on 256
     follows(counts, n_tokens, rates, 0.02, 0.04)

@@ -9,14 +9,13 @@ target firing rate from a power law (--top-share of all activations carried by t
 neurons, PowerInfer's 80/20 for ReLU 7B models by default; mean --active), the hottest in a random
 order per layer. The rates come from a bias channel: every token embedding holds the constant
 BIAS_VALUE in coordinate 0, which no other matrix reads or writes, and each gate row's first Q4_0
-block holds only a per-neuron weight on that coordinate, chosen on --calibration-tokens random
-tokens (prefilled, layer by layer) so that the neuron fires at its rate. The predictor (rank 1024)
-has random weights plus the same kind of per-neuron offset through its first BIAS_RANK hidden units,
-which read coordinate 0; offsets and per-layer thresholds are set on 16 random tokens decoded one at
-a time as bench's tg does, so that each neuron is predicted at its rate and --active of all neurons
-overall; the residual stream of predicted decoding differs from dense decoding's, so they are set
-again on predicted decoding with the previous ones, three times. Predicted and true sets follow the
-same rates but are otherwise independent: recall is low, speed is what the file is for.
+block holds only a per-neuron weight on that coordinate, an offset to the neuron's input chosen so
+that it fires at its rate over --calibration random token sequences (prefilled). The predictor (rank
+1024) has random weights plus the same kind of offset through its first BIAS_RANK hidden units,
+which read coordinate 0 alone, set on the same sequences; the residual stream of predicted mode
+differs from dense mode's, so the offsets are set again on predicted mode with the previous ones,
+three times. Predicted and true sets follow the same rates but are otherwise independent: recall is
+low, speed and placement are what the file is for.
 
     python tools/make_synthetic_7b.py -o /tmp/synth7b.gguf
     hybridinfer bench -m /tmp/synth7b.gguf --predictor /tmp/synth7b.predictor -p 0 -n 16 -r 3 --vs-llamacpp
@@ -134,34 +133,86 @@ def write_model(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n
     w.close()
 
 
-def offsets_for_rates(y: np.ndarray, rates: np.ndarray) -> np.ndarray:
-    """Per-neuron offsets b f32[n] such that y + b > 0 on a share `rates` of tokens, for y[T, n] taken as
-    normal per neuron (a few hundred tokens cannot count a rate of 1e-3)."""
+_GRID = np.linspace(-12.0, 12.0, 4801)  # the normal distribution's CDF, tabled for np.interp
+_CDF = np.array([NormalDist().cdf(v) for v in _GRID])
+
+
+def offsets_for_rates(means: np.ndarray, sds: np.ndarray, spread: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Offsets b f32[n] such that mean over tokens t of P(y_j + b_j > 0) = rates_j, for y_j normal with mean
+    spread_t * means_j and sd spread_t * sds_j (bisection, all neurons at once).
+
+    A neuron's input is a random direction's product with the residual stream, so that from the stream's
+    size spread[T] alone it is modelled well enough for a first guess, before any measurement."""
+    spread = spread[:, None]
+    lo = -spread.max() * (np.abs(means) + 13 * sds)
+    hi = -lo
+    for _ in range(50):
+        b = (lo + hi) / 2
+        low = np.interp((b + spread * means) / (spread * sds), _GRID, _CDF).mean(0) < rates
+        lo, hi = np.where(low, b, lo), np.where(low, hi, b)
+    return ((lo + hi) / 2).astype(np.float32)
+
+
+def row_norms_without_bias(data: np.ndarray) -> np.ndarray:
+    """f64[n] Euclidean norms of Q4_0 rows data uint8[n, row_bytes], their first block (the bias weight) left out."""
+    blocks = data.reshape(len(data), -1, 18)[:, 1:]
+    d = blocks[:, :, 0:2].copy().view(np.float16)[:, :, 0].astype(np.float64)
+    q = np.concatenate([blocks[:, :, 2:] & 15, blocks[:, :, 2:] >> 4], axis=2).astype(np.float64) - 8
+    return np.sqrt((d ** 2 * (q ** 2).sum(2)).sum(1))
+
+
+def fitted_offsets(y: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Offsets b f32[n] such that y + b > 0 on a share `rates` of tokens, y[T, n] taken as normal per neuron
+    (a few hundred tokens cannot count a rate of 1e-3)."""
     z = np.array([NormalDist().inv_cdf(r) for r in rates])
     return (y.std(0) * z - y.mean(0)).astype(np.float32)
 
 
-def set_gate_offsets(path: Path, rates: list[np.ndarray], n_tokens: int, seed: int) -> None:
-    """Per layer, in order, each gate row's weight on the bias coordinate that makes its neuron fire at its
-    rate over n_tokens random tokens, prefilled; written into the file as the layer's turn comes, so that the
-    later layers see the earlier ones' final activations."""
-    gates = {t.name: t.data for t in GGUFReader(path, "r+").tensors if t.name.endswith("ffn_gate.weight")}
-    gguf = GGUFFile(path)  # maps the same pages: it reads each layer's offsets once written
+def sequences(args: ModelArgs, n_seq: int, n_tokens: int, seed: int) -> list[np.ndarray]:
+    """Random token sequences: measurements pool several, since the tokens of one sequence share much of their
+    residual stream through attention."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, args.n_vocab, n_tokens) for _ in range(n_seq)]
+
+
+def set_gate_offsets(path: Path, rates: list[np.ndarray], n_seq: int, n_tokens: int, seed: int, passes: int = 2) -> None:
+    """Each gate row's weight b on the bias coordinate, which makes its neuron fire at its rate; written into the
+    file. First per layer, in order, on one sequence prefilled, for the sizes of its residual stream (the later
+    layers see the earlier ones' final activations); then `passes` times, every layer at once, fitted to
+    each neuron's input measured over n_seq sequences with the offsets so far."""
+    gates = [t.data for t in GGUFReader(path, "r+").tensors if t.name.endswith("ffn_gate.weight")]
+    gguf = GGUFFile(path)  # maps the same pages: it reads the offsets once written
     args = ModelArgs.from_metadata(gguf.metadata)
     weights = load_weights(gguf, args)
     dense = make_ffn("off", args, weights.blk, n_tokens)
     z = np.zeros((n_tokens, args.n_ff), np.float32)
+    inputs = [[] for _ in range(args.n_layer)]
 
-    def ffn(layer, blk, resid, xn, out):
-        blk.ffn_gate(xn, z)  # the offsets are 0 yet: the random part alone
-        # in units of the bias coordinate, which each token's norm scales as it scales the rest
-        offsets = offsets_for_rates(z / xn[:, :1], rates[layer])
-        gates[f"blk.{layer}.ffn_gate.weight"][:, 0:2] = _f16_bytes(-offsets / 8)
+    def write(layer, offsets):
+        gates[layer][:, 0:2] = _f16_bytes(-offsets / 8)
+
+    def first(layer, blk, resid, xn, out):
+        # the neuron fires where b * BIAS_VALUE + gate_row . resid[1:] > 0, the norm scaling both alike
+        sds = row_norms_without_bias(gates[layer]) / np.sqrt(args.n_embd - 1)
+        spread = np.linalg.norm(resid[:, 1:], axis=1) / BIAS_VALUE
+        write(layer, offsets_for_rates(np.zeros_like(sds), sds, spread, rates[layer]))
         dense(layer, blk, resid, xn, out)
 
-    tokens = np.random.default_rng(seed).integers(3, args.n_vocab, n_tokens)
-    Transformer(args, weights, n_tokens, ffn, n_batch=n_tokens).forward(tokens, 0)
-    for data in gates.values():
+    def measured(layer, blk, resid, xn, out):
+        blk.ffn_gate(xn, z)
+        offsets = -8 * gates[layer][:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+        inputs[layer].append(z / xn[:, :1] - offsets)  # the input without the offset, in units of the bias
+        dense(layer, blk, resid, xn, out)
+
+    tokens = sequences(args, n_seq, n_tokens, seed)
+    Transformer(args, weights, n_tokens, first, n_batch=n_tokens).forward(tokens[0], 0)
+    for _ in range(passes):
+        for seq in tokens:
+            Transformer(args, weights, n_tokens, measured, n_batch=n_tokens).forward(seq, 0)
+        for layer in range(args.n_layer):
+            write(layer, fitted_offsets(np.concatenate(inputs[layer]), rates[layer]))
+            inputs[layer].clear()
+    for data in gates:
         data.base.flush()
 
 
@@ -176,13 +227,15 @@ class _Recorder:
         self.ffn(layer, blk, resid, xn, out)
 
 
-def write_predictor(model_path: Path, out: Path, rank: int, rates: list[np.ndarray], active: float, n_tokens: int,
+def write_predictor(model_path: Path, out: Path, rank: int, rates: list[np.ndarray], n_seq: int, n_tokens: int,
                     seed: int, rounds: int = 3) -> None:
+    """Random weights but for each neuron's offset (fc2's first BIAS_RANK columns, times the bias coordinate),
+    fitted to its logits over n_seq sequences prefilled: by dense mode first, then `rounds` times by
+    predicted mode with the offsets so far, whose residual stream differs from dense mode's."""
     gguf = GGUFFile(model_path)
     args = ModelArgs.from_metadata(gguf.metadata)
     weights = load_weights(gguf, args)
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, args.n_vocab, n_tokens)
     fc1 = [(rng.standard_normal((rank, args.n_embd)) / np.sqrt(args.n_embd)).astype(np.float16)
            for _ in range(args.n_layer)]
     for w1 in fc1:  # the first BIAS_RANK hidden units read the bias coordinate alone, the others never
@@ -192,30 +245,25 @@ def write_predictor(model_path: Path, out: Path, rank: int, rates: list[np.ndarr
     fc2 = [(rng.standard_normal((args.n_ff, rank)) / np.sqrt(rank)).astype(np.float16) for _ in range(args.n_layer)]
     for w2 in fc2:
         w2[:, :BIAS_RANK] = 0
-    thresholds = None
-    for _ in range(rounds + 1):
-        if thresholds is None:  # first round: dense decoding
-            ffn = make_ffn("off", args, weights.blk, 1)
+    thresholds = [0.0] * args.n_layer
+    tokens = sequences(args, n_seq, n_tokens, seed + 1)
+    for done in range(rounds + 1):
+        if done == 0:
+            ffn = make_ffn("off", args, weights.blk, n_tokens)
         else:
-            ffn = make_ffn("predicted", args, weights.blk, 1, PredictorSet.from_arrays(fc1, fc2, thresholds))
+            ffn = make_ffn("predicted", args, weights.blk, n_tokens, PredictorSet.from_arrays(fc1, fc2, thresholds))
         recorder = _Recorder(ffn, args.n_layer)
-        model = Transformer(args, weights, n_tokens, recorder)
-        for pos, token in enumerate(tokens):
-            model.forward(np.array([token]), pos)
-        thresholds = []
+        for seq in tokens:
+            Transformer(args, weights, n_tokens, recorder, n_batch=n_tokens).forward(seq, 0)
         for i in range(args.n_layer):
             x = np.concatenate(recorder.inputs[i])
-            fc2[i][:, :BIAS_RANK] = 0
-            logits = np.maximum(x @ fc1[i].T.astype(np.float32), 0) @ fc2[i].T.astype(np.float32)
-            offsets = offsets_for_rates(logits, rates[i])
-            fc2[i][:, :BIAS_RANK] = (offsets / (BIAS_RANK * BIAS_VALUE))[:, None]
-            logits += fc2[i][:, :1].astype(np.float32).T * (BIAS_RANK * BIAS_VALUE)
-            thresholds.append(float(np.quantile(logits, 1 - active)))
+            logits = np.maximum(x @ fc1[i][BIAS_RANK:].T.astype(np.float32), 0) @ fc2[i][:, BIAS_RANK:].T.astype(np.float32)
+            fc2[i][:, :BIAS_RANK] = (fitted_offsets(logits, rates[i]) / (BIAS_RANK * BIAS_VALUE))[:, None]
     fp = fingerprint("llama", args.n_layer, args.n_embd, args.n_ff, {n: t.shape for n, t in gguf.tensors.items()})
     save(out, PredictorWeights(fc1, fc2, thresholds, fp,
                                {"training": {"what": f"made-up: random weights, per-neuron offsets for power-law rates "
-                                                     f"and thresholds for {active:.0%} active on {n_tokens} random "
-                                                     f"tokens decoded; speed only"}}))
+                                                     f"(mean {np.mean(rates):.1%}) on {n_seq} x {n_tokens} random "
+                                                     f"tokens; speed only"}}))
 
 
 def main() -> None:
@@ -226,14 +274,15 @@ def main() -> None:
     p.add_argument("--active", type=float, default=0.11, help="mean firing rate, truly and as predicted")
     p.add_argument("--top-share", type=float, default=0.8,
                    help=f"share of activations carried by the hottest {TOP:.0%} of neurons (PowerInfer's 80/20)")
-    p.add_argument("--calibration-tokens", type=int, default=128, help="random tokens that set the gate offsets")
+    p.add_argument("--calibration", type=int, nargs=2, default=[16, 32], metavar=("SEQUENCES", "TOKENS"),
+                   help="random token sequences that set the offsets, and their length")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     n_ff = 11008
     rates = layer_rates(np.random.default_rng(a.seed + 2), a.layers, n_ff, a.active, a.top_share)
     write_model(a.output, a.layers, 4096, n_ff, 32, 32000, a.seed)
-    set_gate_offsets(a.output, rates, a.calibration_tokens, a.seed + 3)
-    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, rates, a.active, 32, a.seed + 1)
+    set_gate_offsets(a.output, rates, *a.calibration, a.seed + 3)
+    write_predictor(a.output, a.output.with_suffix(".predictor"), a.rank, rates, *a.calibration, a.seed + 1)
     print(a.output, a.output.with_suffix(".predictor"))
 
 
