@@ -9,6 +9,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from hybridinfer.errors import HybridInferError
+from hybridinfer.gguf_file import checked
 
 
 RENDER_SECONDS = 2.0  # real templates render in milliseconds; a looping one is stopped after this
@@ -63,10 +64,12 @@ def render_chat(meta: dict, user_message: str, template_file: Path | None = None
         except (OSError, UnicodeDecodeError) as e:
             raise HybridInferError(f"cannot read chat template '{template_file}': "
                                    f"{getattr(e, 'strerror', None) or e}") from None
-    elif "tokenizer.chat_template" in meta:
-        source = meta["tokenizer.chat_template"]
     else:
-        raise HybridInferError("the model has no tokenizer.chat_template: give one with --chat-template FILE")
+        source = checked(meta, "tokenizer.chat_template", lambda v: isinstance(v, str), "a string",
+                         "the file is damaged: give a template with --chat-template FILE")
+        if source is None:
+            raise HybridInferError("the model has no tokenizer.chat_template: give one with --chat-template FILE")
+
     tokens = meta.get("tokenizer.ggml.tokens", [])
 
     def token_text(key: str) -> str:
@@ -75,8 +78,6 @@ def render_chat(meta: dict, user_message: str, template_file: Path | None = None
 
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
-    if not isinstance(source, str):
-        raise HybridInferError("GGUF metadata 'tokenizer.chat_template' is not a string: the file is damaged")
     try:
         with _time_limit(RENDER_SECONDS):
             parts, length = [], 0

@@ -28,6 +28,27 @@ _SCALARS = {
 }
 
 
+def describe(value) -> str:
+    """A short account of a metadata value for error messages."""
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.size} {value.dtype} values"
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a list of {len(value)} values ({', '.join(kinds) or 'empty'})"
+    text = repr(value)
+    return f"the {type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+def checked(meta: dict, key: str, check, expected: str, fix: str, default=None):
+    """meta[key], or default when it is absent; a HybridInferError naming the key, the value, what was
+    expected and fix when check(value) refuses it. Every metadata value the engine reads passes here."""
+    if key not in meta:
+        return default
+    if not check(meta[key]):
+        raise HybridInferError(f"GGUF metadata {key} is {describe(meta[key])}, expected {expected}: {fix}")
+    return meta[key]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

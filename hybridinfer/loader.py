@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 from hybridinfer import kernels
 from hybridinfer.kernels import quant
 from hybridinfer.errors import HybridInferError
-from hybridinfer.gguf_file import GGUFFile, TensorInfo
+from hybridinfer.gguf_file import GGUFFile, TensorInfo, checked
 from hybridinfer.kernels.ops import DOT_ROUNDING, ROUND_NONE, ROUND_Q8_0, round_for_dot
 from hybridinfer.predictors.format import Fingerprint, fingerprint
 
@@ -46,42 +46,35 @@ class FFNActivation:
 
 
 class _Metadata:
-    """Typed, range-checked reads of GGUF metadata: a damaged or foreign value ends in one error naming
-    the key, the value and what was expected, before anything is sized from it."""
+    """Typed, range-checked reads of the model's GGUF metadata (gguf_file.checked): a damaged or
+    foreign value ends in one error naming the key, the value and what was expected, before anything
+    is sized from it."""
+
+    FIX = "the file is damaged or not a llama model this engine can run"
 
     def __init__(self, meta: dict):
         self.meta = meta
 
-    def _get(self, key: str, default):
-        value = self.meta.get(key, default)
+    def _get(self, key: str, check, expected: str, default):
+        value = checked(self.meta, key, check, expected, self.FIX, default)
         if value is None:
             raise HybridInferError(f"GGUF metadata lacks '{key}': the file is incomplete")
         return value
 
-    def _bad(self, key: str, value, expected: str) -> HybridInferError:
-        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
-        return HybridInferError(f"GGUF metadata '{key}' is {shown}, expected {expected}: the file is damaged "
-                                f"or not a llama model this engine can run")
-
     def int(self, key: str, low: int, high: int, default: int | None = None) -> int:
-        value = self._get(key, default)
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
-            raise self._bad(key, value, f"an integer in [{low}, {high}]")
-        return int(value)
+        return int(self._get(key, lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                             and low <= v <= high, f"an integer in [{low}, {high}]", default))
 
     def float(self, key: str, low: float, high: float, default: float | None = None, low_open: bool = True) -> float:
         """A finite number in (low, high], or [low, high] with low_open False."""
-        value = self._get(key, default)
-        if (not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool)
-                or not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high):
-            raise self._bad(key, value, f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]")
-        return float(value)
+        def check(v) -> bool:
+            return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                    and math.isfinite(v) and (low < v if low_open else low <= v) and v <= high)
+        return float(self._get(key, check, f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]",
+                               default))
 
     def str(self, key: str, default: str | None = None) -> str:
-        value = self._get(key, default)
-        if not isinstance(value, str):
-            raise self._bad(key, value, "a string")
-        return value
+        return self._get(key, lambda v: isinstance(v, str), "a string", default)
 
 
 # Bounds on sizes read from metadata: far above any llama model, low enough that nothing sized from them

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from hybridinfer.errors import HybridInferError
+from hybridinfer.gguf_file import checked
 
 # GGUF token types (the same numbers as SentencePiece's piece types)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -79,25 +80,9 @@ BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # as SentencePiece and llama.cpp's 
 DAMAGED = "the file's tokenizer metadata is damaged: re-convert the model"
 
 
-def _describe(value) -> str:
-    """A short account of a metadata value for error messages."""
-    if isinstance(value, np.ndarray):
-        return f"an array of {value.size} {value.dtype} values"
-    if isinstance(value, list):
-        kinds = sorted({type(v).__name__ for v in value})
-        return f"a list of {len(value)} values ({', '.join(kinds) or 'empty'})"
-    text = repr(value)
-    return f"the {type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
-
-
 def _key(meta: dict, key: str, check, expected: str, default=None):
-    """meta["tokenizer.ggml." + key], default when absent; HybridInferError when `check` refuses it."""
-    name = f"tokenizer.ggml.{key}"
-    if name not in meta:
-        return default
-    if not check(meta[name]):
-        raise HybridInferError(f"GGUF metadata {name} is {_describe(meta[name])}, expected {expected}: {DAMAGED}")
-    return meta[name]
+    """meta["tokenizer.ggml." + key], default when absent (gguf_file.checked)."""
+    return checked(meta, f"tokenizer.ggml.{key}", check, expected, DAMAGED, default)
 
 
 def _unique_tokens(tokens: list[str]) -> tuple[list[str], dict[str, int]]:
