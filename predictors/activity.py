@@ -202,14 +202,20 @@ def _load_powerinfer(folder: Path) -> ActivationStats:
     return stats
 
 
-def plot(stats: ActivationStats, path: str | Path, title: str) -> None:
-    """Per layer, the cumulative share of activations against the share of neurons, hottest first."""
+def pyplot():
+    """matplotlib.pyplot drawing into files (Agg), or StatsError naming the extra to install."""
     try:
         import matplotlib
     except ImportError:
         raise StatsError("--plot needs matplotlib: pip install 'hybridinfer[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(stats: ActivationStats, path: str | Path, title: str) -> None:
+    """Per layer, the cumulative share of activations against the share of neurons, hottest first."""
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, stats.n_layer))

@@ -15,7 +15,7 @@ from pathlib import Path
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
 from hybridinfer.errors import HybridInferError
 from hybridinfer.loader import model_fingerprint
-from hybridinfer.predictors.activity import StatsError, plot
+from hybridinfer.predictors.activity import StatsError, plot, pyplot
 from hybridinfer.predictors.collect import profile
 
 DEFAULT_TOKENS = 16384
@@ -33,13 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.plot is not None:  # before the work, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise HybridInferError("--plot needs matplotlib: pip install 'hybridinfer[plot]'") from None
+    try:
+        if args.plot is not None:
+            pyplot()  # matplotlib is there: before the work, not after it
+    except StatsError as e:
+        raise HybridInferError(str(e)) from None
     s = load_session(args)
-    if not s.model.args.ffn_act.sparse:
+    if not s.model.args.ffn_act.sparse:  # before reading the texts, which may be large
         raise HybridInferError(f"the model's FFN activation is {s.model.args.ffn_act}, which leaves no exact zeros "
                                f"to count: pass --ffn-act relu or fatrelu:T if it was trained so")
     stats = profile(s.model, s.tokenizer, args.data, args.tokens, model_fingerprint(s.gguf, s.model.args),
