@@ -5,8 +5,9 @@ functions only called from other kernels: they are compiled into their callers a
 of their own. PARALLEL is for kernels with prange loops that other kernels call: inlined (in
 numba's IR) into their callers, which must be parallel themselves, since on a first run each level
 of calls re-optimises and re-emits all the machine code below it; SHARED_PARALLEL for those that
-several kernels call (matvec): compiled once, called. drop_stale_cache (run when the package is imported) rebuilds the cache whenever a
-kernels/*.py file changes; compile_notice says on stderr when kernels compile instead.
+several kernels call (matvec): compiled once, called. drop_stale_cache (run when the package is
+imported) rebuilds the cache whenever a kernels/*.py file changes; compile_notice says on stderr
+when kernels compile instead.
 """
 
 import contextlib
