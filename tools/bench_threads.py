@@ -27,8 +27,8 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "hybridinfer" / "models" / "tiny-relu-llama.q8_0.gguf"
+from hybridinfer.commands.common import DEFAULT_MODEL
+
 PROMPT = "And it came to pass"
 BUSY = "while True: pass"
 OURS = {"hybridinfer": [], "hybridinfer --ffn-act silu --sparse off": ["--ffn-act", "silu", "--sparse", "off"]}
