@@ -20,7 +20,7 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
-_SCALARS = {
+SCALAR_FORMATS = {  # GGUF scalar value type -> struct format (little-endian)
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
@@ -84,17 +84,17 @@ class _Cursor:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
             item_type, n = self.unpack("<IQ")
-            if item_type in _SCALARS and item_type != GGUFValueType.BOOL:
-                dtype = np.dtype(_SCALARS[item_type])
+            if item_type in SCALAR_FORMATS and item_type != GGUFValueType.BOOL:
+                dtype = np.dtype(SCALAR_FORMATS[item_type])
                 if self.pos + n * dtype.itemsize > len(self.buf):
                     raise HybridInferError(f"{self.path}: truncated GGUF header (ends at byte {len(self.buf)})")
                 arr = np.frombuffer(self.buf, dtype, n, self.pos).copy()
                 self.pos += n * dtype.itemsize
                 return arr
             return [self.value(item_type) for _ in range(n)]
-        if vtype not in _SCALARS:
+        if vtype not in SCALAR_FORMATS:
             raise HybridInferError(f"{self.path}: unknown GGUF value type {vtype}: the file is damaged")
-        return self.unpack(_SCALARS[vtype])
+        return self.unpack(SCALAR_FORMATS[vtype])
 
 
 def _map_whole(fileno: int) -> mmap.mmap:

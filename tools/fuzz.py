@@ -32,9 +32,7 @@ from gguf import GGUFReader, GGUFValueType as V
 
 from hybridinfer import cli
 from hybridinfer.commands.common import DEFAULT_MODEL, DEFAULT_PREDICTOR
-
-_PACK = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
-         V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+from hybridinfer.gguf_file import SCALAR_FORMATS
 
 # values a metadata key may be replaced with: (type, item type for arrays, value)
 BAD_VALUES = [
@@ -78,7 +76,7 @@ def _value(vtype: int, value, item_type: int | None = None) -> bytes:
         return struct.pack("<Q", len(b)) + b
     if vtype == V.ARRAY:
         return struct.pack("<IQ", item_type, len(value)) + b"".join(_value(item_type, v) for v in value)
-    return struct.pack(_PACK[vtype], value)
+    return struct.pack(SCALAR_FORMATS[vtype], value)
 
 
 def gguf_bytes(kvs: list[list], infos: list[list], data: bytes, n_dims: dict[str, int] | None = None) -> bytes:
