@@ -1,3 +1,9 @@
+import os
+
+# numba reads this when first imported: without a GPU, the CUDA kernels run in its simulator (CI);
+# NUMBA_ENABLE_CUDASIM=0 runs tests/test_kernels_cuda.py on a real GPU.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 import sys
 from pathlib import Path
 
