@@ -299,11 +299,29 @@ def _blocks(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return quantize(np.ascontiguousarray(values), qtype).view(np.uint8).reshape(values.shape[0], -1)
 
 
+def interleaved_type(gate: Matrix) -> GGMLQuantizationType:
+    """The type of interleaved_rows' copy: gate's if gguf can write it, else Q8_0."""
+    return gate.qtype if gate.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+
+
+def neuron_major_type(down: Matrix) -> GGMLQuantizationType:
+    """The type of neuron_major's copy: down's if gguf can write it (else Q8_0), F16 where the new
+    rows (n_ff values) are not whole blocks of that type."""
+    qtype = down.qtype if down.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+    return GGMLQuantizationType.F16 if down.n_out % GGML_QUANT_SIZES[qtype][0] else qtype
+
+
+def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
+    """Bytes of one row of n values in qtype blocks."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return n // block * size
+
+
 def interleaved_rows(gate: Matrix, up: Matrix) -> Matrix:
     """gate and up as one matrix [2 * n_ff, n_embd], neuron i's gate row at 2i and its up row at 2i + 1,
     so that an active neuron's two rows are one contiguous read in decode's gather. Up is
-    re-quantised into gate's type where the two differ (gate's type if gguf can write it, else Q8_0)."""
-    qtype = gate.qtype if gate.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+    re-quantised into the copy's type (interleaved_type) where the two differ."""
+    qtype = interleaved_type(gate)
     parts = [m.data if m.qtype == qtype else _blocks(_values(m), qtype) for m in (gate, up)]
     return Matrix(qtype, np.stack(parts, axis=1).reshape(2 * gate.n_out, -1), gate.n_in, 2 * gate.n_out)
 
@@ -311,9 +329,7 @@ def interleaved_rows(gate: Matrix, up: Matrix) -> Matrix:
 def neuron_major(down: Matrix) -> Matrix:
     """ffn_down [n_embd, n_ff] rearranged as [n_ff, n_embd], each neuron's down column one contiguous
     row of blocks, for the sparse axpy. Float types move exactly; quantised types are re-quantised
-    along the new rows (same type where gguf can write it, else Q8_0): a second rounding, whose
-    effect on perplexity the README reports."""
-    qtype = down.qtype if down.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
-    if down.n_out % GGML_QUANT_SIZES[qtype][0]:
-        qtype = GGMLQuantizationType.F16
+    along the new rows (neuron_major_type): a second rounding, whose effect on perplexity the README
+    reports."""
+    qtype = neuron_major_type(down)
     return Matrix(qtype, _blocks(_values(down).T, qtype), down.n_out, down.n_in)
