@@ -146,9 +146,13 @@ class PredictedFFN(DenseFFN):
             self.stats.add(layer, self.mask[:1], predicted)
         self.decoded[0] += len(idx)
         self.decoded[1] += len(self.idx)
+        self._decode(layer, idx, round_input(self.gate_up[layer].qtype, xn)[0], out[0])
+
+    def _decode(self, layer: int, idx: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """out[n_embd] = the FFN over neurons idx of x[n_embd], rounded as the gate_up copy takes it."""
         gate_up, down = self.gate_up[layer], self.down_t[layer]
         kernels.sparse_ffn((gate_up.qtype, gate_up.data), (down.qtype, down.data), self.kind, self.act.threshold,
-                           idx, round_input(gate_up.qtype, xn)[0], out[0])
+                           idx, x, out)
 
     def _masked_dense(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         """T tokens: every row computed, the unpredicted neurons zeroed, down token by token as in decode."""
@@ -172,12 +176,86 @@ class PredictedFFN(DenseFFN):
             kernels.sparse_axpy(down.qtype, down.data, self.idx[:n], gate[t, self.idx[:n]], out[t])
 
 
+class CPUSide:
+    """The fast side of HybridFFN on the CPU: each layer's hot neurons as one contiguous block of
+    their own (gate/up rows interleaved, down neuron-major), computed where predicted, on the spot."""
+
+    name = "cpu"
+
+    def __init__(self, n_embd: int):
+        self.blocks: list[tuple[Matrix, Matrix]] = []
+        self.kind, self.threshold = 0, 0.0
+        self.n_embd = n_embd
+        self.part = np.zeros(0, np.float32)  # the hot neurons' share of the FFN output, once there are any
+
+    @staticmethod
+    def scratch_bytes(args: ModelArgs) -> int:
+        return 4 * args.n_embd
+
+    def load(self, gate_up: Matrix, down: Matrix, act_kind: int, act_threshold: float) -> None:
+        """Append the next layer's hot block."""
+        self.blocks.append((gate_up, down))
+        self.kind, self.threshold = act_kind, act_threshold
+        if gate_up.n_out and not self.part.size:
+            self.part = np.zeros(self.n_embd, np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this side allocated: the hot blocks and its scratch."""
+        return sum(g.data.nbytes + d.data.nbytes for g, d in self.blocks) + self.part.nbytes
+
+    def start(self, layer: int, idx: np.ndarray, x: np.ndarray) -> None:
+        """Begin the layer's hot part over block positions idx (ascending) for x[n_embd], rounded."""
+        gate_up, down = self.blocks[layer]
+        kernels.sparse_ffn((gate_up.qtype, gate_up.data), (down.qtype, down.data), self.kind, self.threshold,
+                           idx, x, self.part)
+
+    def finish(self, out: np.ndarray) -> None:
+        """out += the hot part begun by start."""
+        out += self.part
+
+
+class HybridFFN(PredictedFFN):
+    """Predicted mode with each layer's hot neurons (placement.Placement) on a fast side: per decode
+    step the predictor's set splits in two, the fast side starts its hot part, the CPU computes the
+    cold part meanwhile, and one add merges them. With no hot neuron this is predicted mode exactly;
+    otherwise it differs from it only by the order of the float sums. Prefill and perplexity (T > 1)
+    run as predicted mode."""
+
+    def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
+                 placement, side, stats: SparsityStats | None = None):
+        super().__init__(args, n_batch, blocks, predictor, stats)
+        self.placement, self.side = placement, side
+        self.position = []  # per layer: int32 [n_ff], a neuron's place in the hot block, -1 when cold
+        for layer, hot in enumerate(placement.hot):
+            position = np.full(args.n_ff, -1, np.int32)
+            position[hot] = np.arange(len(hot), dtype=np.int32)
+            self.position.append(position)
+            gate_up, down = self.gate_up[layer], self.down_t[layer]
+            rows = np.stack([2 * hot, 2 * hot + 1], axis=1).reshape(-1)  # the interleaved pairs, hottest first
+            side.load(Matrix(gate_up.qtype, np.ascontiguousarray(gate_up.data[rows]), gate_up.n_in, 2 * len(hot)),
+                      Matrix(down.qtype, np.ascontiguousarray(down.data[hot]), down.n_in, len(hot)),
+                      self.kind, self.act.threshold)
+
+    def _decode(self, layer: int, idx: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        position = self.position[layer][idx]
+        hot = np.sort(position[position >= 0])
+        if len(hot):
+            self.side.start(layer, hot, x)
+        super()._decode(layer, idx[position < 0], x, out)
+        if len(hot):
+            self.side.finish(out)
+
+
 SPARSE_MODES = ("off", "exact", "predicted")
 
 
 def make_ffn(mode: str, args: ModelArgs, blocks: list[Block], n_batch: int, predictor: PredictorSet | None = None,
-             stats: SparsityStats | None = None):
-    """The FFN strategy for --sparse MODE (off, exact or predicted)."""
+             stats: SparsityStats | None = None, placement=None, side=None):
+    """The FFN strategy for --sparse MODE (off, exact or predicted); predicted with a placement and
+    a fast side is the hybrid split."""
+    if mode == "predicted" and placement is not None:
+        return HybridFFN(args, n_batch, blocks, predictor, placement, side, stats)
     if mode == "predicted":
         return PredictedFFN(args, n_batch, blocks, predictor, stats)
     if mode == "exact":

@@ -12,7 +12,8 @@ import sys
 
 from hybridinfer.bench import hybridinfer_tests, llamacpp_tests, run_tests
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
-from hybridinfer.ffn import DenseFFN
+from hybridinfer.errors import HybridInferError
+from hybridinfer.ffn import DenseFFN, PredictedFFN
 from hybridinfer.model import Transformer
 
 
@@ -24,22 +25,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp on the same file and compare")
     parser.add_argument("--vs-dense", action="store_true",
                         help="run this engine's dense mode (--sparse off) on the same weights and compare")
+    parser.add_argument("--vs-predicted", action="store_true",
+                        help="with --vram-budget: run predicted mode with no split (all on the CPU) and compare")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     s = load_session(args, n_ctx=max(args.n_prompt, args.n_gen, 1))
+    if args.vs_predicted and not s.placement:
+        raise HybridInferError("--vs-predicted compares the split of --vram-budget with predicted mode: give "
+                               "--vram-budget GiB")
     engine = "hybridinfer" if s.mode == "off" else f"hybridinfer {s.mode}"
+    if s.placement:
+        engine += f" + hot on {s.device}"
     engines = {engine: hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
+    m = s.model
     if args.vs_dense and s.mode != "off":
-        dense = Transformer(s.model.args, s.model.w, s.model.n_ctx, DenseFFN(s.model.args, s.model.n_batch))
+        dense = Transformer(m.args, m.w, m.n_ctx, DenseFFN(m.args, m.n_batch))
         engines["hybridinfer dense"] = hybridinfer_tests(dense, args.n_prompt, args.n_gen)
+    if args.vs_predicted:
+        cpu = Transformer(m.args, m.w, m.n_ctx, PredictedFFN(m.args, m.n_batch, m.w.blk, m.ffn.predictor))
+        engines["hybridinfer predicted"] = hybridinfer_tests(cpu, args.n_prompt, args.n_gen)
     if args.vs_llamacpp:
         engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads)
     results = run_tests(engines, args.repetitions)
     ours = {r.test: r for r in results if r.engine == engine}
-    baselines = [b for b in ("hybridinfer dense", "llama.cpp") if b in engines]
-    json_key = {"hybridinfer dense": "ratio_vs_dense", "llama.cpp": "ratio_vs_llamacpp"}
+    baselines = [b for b in ("hybridinfer dense", "hybridinfer predicted", "llama.cpp") if b in engines]
+    json_key = {"hybridinfer dense": "ratio_vs_dense", "hybridinfer predicted": "ratio_vs_predicted",
+                "llama.cpp": "ratio_vs_llamacpp"}
     ratios = {b: {r.test: ours[r.test].median / r.median for r in results if r.engine == b} for b in baselines}
     share = getattr(s.model.ffn, "active_share", None)  # predicted mode: what the speed was measured at
     if args.json:
@@ -47,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
             {"engine": r.engine, "test": r.test, "tokens_per_s": r.median, "runs": r.tokens_per_s}
             for r in results],
             **{json_key[b]: ratios[b] for b in baselines},
-            "predicted_active_share": share}))
+            "predicted_active_share": share, "placement": s.describe_placement()}))
         return 0
     size_mib = s.gguf.path.stat().st_size / 2**20
     print(f"| model | size | engine | threads | test | t/s |{''.join(f' vs {b} |' for b in baselines)}")
@@ -56,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
         extra = "".join(f" {ratios[b][r.test]:.2f}x |" if r.engine == engine else " |" for b in baselines)
         print(f"| {s.gguf.path.name} | {size_mib:.1f} MiB | {r.engine} | {args.threads} | {r.test} | "
               f"{r.median:.2f} ± {r.stdev:.2f} |{extra}")
+    if s.placement:
+        print(s.describe_placement(), file=sys.stderr)
     if share is not None:
         print(f"predicted mode: the predictor kept {100 * share:.1f}% of FFN neurons active over the tg steps",
               file=sys.stderr)

@@ -9,19 +9,22 @@ from pathlib import Path
 
 import numba
 
-from hybridinfer import kernels
+from hybridinfer import cuda_side, kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import FFNActivation, ModelArgs, load_weights, model_fingerprint
-from hybridinfer.ffn import SPARSE_MODES, make_ffn
+from hybridinfer.ffn import SPARSE_MODES, CPUSide, make_ffn
 from hybridinfer.model import N_BATCH, RunState, Transformer
-from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats
+from hybridinfer.placement import Placement, neuron_bytes, place
+from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats, activity
 from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"
 DEFAULT_PREDICTOR = DEFAULT_MODEL.with_suffix("").with_suffix(".predictor")  # used with the default model
 DEFAULT_STATS = DEFAULT_MODEL.with_suffix("").with_suffix(".stats.safetensors")  # its activation profile
+MAX_BUDGET_GIB = 2.0 ** 20  # --vram-budget's bound: far above any device, far below float trouble
+DEVICES = ("cpu", "cuda")
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # numba's pool size, fixed when it starts: the machine's cores
 DEFAULT_THREADS = MAX_THREADS
 
@@ -83,6 +86,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
     parser.add_argument("--predictor-type", choices=list(PREDICTOR_QTYPES), default=DEFAULT_QTYPE,
                         help=f"predictor weights at run time: as stored (f16) or quantised at load to q8_0 "
                              f"(half the bytes) or q4_0 (about a quarter) (default: {DEFAULT_QTYPE})")
+    parser.add_argument("--vram-budget", type=float_in(0.0, MAX_BUDGET_GIB), metavar="GiB",
+                        help="split hot and cold neurons: at most this many GiB on the fast device for the hottest "
+                             "FFN neurons (needs --sparse predicted and a --profile)")
+    parser.add_argument("--profile", type=Path, metavar="STATS",
+                        help="activation statistics for --vram-budget (hybridinfer profile, or PowerInfer's "
+                             "activation folder); the default model uses its own")
+    parser.add_argument("--device", choices=DEVICES,
+                        help="the fast device of --vram-budget: cuda, or cpu (the same split, computed on the CPU) "
+                             "(default: cuda when a GPU is visible, else cpu)")
 
 
 @dataclass
@@ -93,6 +105,11 @@ class Session:
     load_s: float
     mode: str  # the FFN mode: off, exact or predicted
     stats: SparsityStats | None  # with stats=True
+    placement: Placement | None = None  # with --vram-budget
+    device: str | None = None  # the fast side's, with --vram-budget
+
+    def describe_placement(self) -> str | None:
+        return self.placement.describe(self.device) if self.placement else None
 
 
 def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path | None) -> str:
@@ -106,6 +123,39 @@ def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path |
         raise HybridInferError(f"--sparse {mode} needs an FFN activation with exact zeros, but the model uses "
                                f"{act}: pass --ffn-act relu or fatrelu:T if it was trained so")
     return mode
+
+
+def _split(args: argparse.Namespace, mode: str, path: Path) -> tuple[str | None, Path | None]:
+    """The fast device and the profile of --vram-budget (None, None without it), checked."""
+    budget, device, profile = getattr(args, "vram_budget", None), getattr(args, "device", None), \
+        getattr(args, "profile", None)
+    if budget is None:
+        for flag, value in (("--device", device), ("--profile", profile)):
+            if value is not None:
+                raise HybridInferError(f"{flag} is used with --vram-budget GiB only")
+        return None, None
+    if mode != "predicted":
+        raise HybridInferError(f"--vram-budget splits predicted mode's neurons, not --sparse {mode}'s: give a "
+                               f"--predictor (or --sparse predicted)")
+    profile = profile or (DEFAULT_STATS if path == DEFAULT_MODEL else None)
+    if profile is None:
+        raise HybridInferError("--vram-budget needs the model's activation statistics: give --profile STATS "
+                               "(make them with hybridinfer profile)")
+    if device is None:
+        device = "cuda" if cuda_side.gpu_visible() else "cpu"
+    return device, profile
+
+
+def _fast_side(device: str, margs: ModelArgs, budget: int):
+    """The fast side for --device, refused when the device cannot hold budget bytes."""
+    if device == "cpu":
+        return CPUSide(margs.n_embd)
+    side = cuda_side.CUDASide(margs)
+    free = cuda_side.free_memory()
+    if budget > free:
+        raise HybridInferError(f"--vram-budget {budget / 2**30:.2f} GiB is more than the GPU's free memory "
+                               f"({free / 2**30:.2f} GiB): give at most that")
+    return side
 
 
 def available_memory() -> int:
@@ -155,6 +205,7 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
     default_predictor = DEFAULT_PREDICTOR if path == DEFAULT_MODEL and args.sparse in (None, "predicted") else None
     predictor_dir = args.predictor or default_predictor
     mode = _sparse_mode(args, margs.ffn_act, predictor_dir)
+    device, profile = _split(args, mode, path)
     with kernels.compile_notice():  # a first run compiles its kernels here, before any text streams
         weights = load_weights(gguf, margs)
         predictor = None
@@ -163,8 +214,17 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
                 predictor = PredictorSet.load(predictor_dir, model_fingerprint(gguf, margs), args.predictor_type)
             except PredictorError as e:
                 raise HybridInferError(str(e)) from None
+        placement = side = None
+        if device:
+            budget = int(args.vram_budget * 2**30)
+            side = _fast_side(device, margs, budget)
+            try:
+                counts = activity.load(profile, model_fingerprint(gguf, margs))
+            except PredictorError as e:
+                raise HybridInferError(str(e)) from None
+            placement = place(counts, [neuron_bytes(blk) for blk in weights.blk], budget, side.scratch_bytes(margs))
         sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
-        ffn = make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity)
+        ffn = make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity, placement, side)
         model = Transformer(margs, weights, n_ctx, ffn)
         model.warm_up()
-    return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity)
+    return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity, placement, device)

@@ -67,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
     stats = None
     if s.stats:
         predictor_s = getattr(s.model.ffn, "predictor_s", 0.0)
-        stats = {**s.stats.as_dict(), "predictor_share_of_time": predictor_s / max(g.prompt_s + g.gen_s, 1e-9)}
+        stats = {**s.stats.as_dict(), "predictor_share_of_time": predictor_s / max(g.prompt_s + g.gen_s, 1e-9),
+                 "placement": s.describe_placement()}
     if args.json:
         print(json.dumps({"prompt": text, "prompt_ids": prompt, "text": g.text, "ids": g.ids, **timings,
                           "stats": stats}))
@@ -86,4 +87,6 @@ def main(args: argparse.Namespace) -> int:
               f"dense gate, computed for these figures only):\n{s.stats.markdown()}", file=log)
         if s.mode == "predicted":
             print(f"predictor: {100 * stats['predictor_share_of_time']:.1f}% of the forward time", file=log)
+        if s.placement:
+            print(s.describe_placement(), file=log)
     return EXIT_INTERRUPTED if g.stopped_by == "interrupted" else 0

@@ -1,0 +1,100 @@
+"""HybridFFN's fast side on a CUDA GPU: each layer's hot block in device memory, in the GGUF blocks
+the CPU copies hold, and per decode step one asynchronous kernel launch (kernels/cuda.py's
+sparse_ffn) whose result comes back while the CPU computes the cold neurons.
+
+numba-cuda is imported only here and only when asked for, so the CPU path needs no CUDA package.
+"""
+
+import numba
+import numpy as np
+
+from hybridinfer.errors import HybridInferError
+from hybridinfer.loader import Matrix, ModelArgs
+
+
+def _cuda():
+    """kernels.cuda, which imports numba-cuda when it is installed."""
+    from hybridinfer.kernels import cuda
+    return cuda
+
+
+def gpu_visible() -> bool:
+    """A real GPU with numba-cuda to drive it (the CUDA simulator does not count)."""
+    return not numba.config.ENABLE_CUDASIM and _cuda().available() is None
+
+
+def free_memory() -> int:
+    return _cuda().free_memory()
+
+
+class CUDASide:
+    """The hot blocks on the GPU; start() launches a layer's hot part, finish() adds it to out."""
+
+    name = "cuda"
+
+    def __init__(self, args: ModelArgs):
+        cuda = _cuda()
+        reason = cuda.available()
+        if reason:
+            raise HybridInferError(f"--device cuda: {reason}")
+        self.cuda, self.args = cuda, args
+        self.stream = cuda.stream()
+        self.blocks = []  # per layer: (gate_up, down) DeviceMatrix, or None for a layer with no hot neuron
+        self.kind, self.threshold = 0, 0.0
+        self.buffers = None  # device scratch, input and output, made with the first hot block
+
+    @staticmethod
+    def scratch_bytes(args: ModelArgs) -> int:
+        """Device bytes of the buffers: the kernel's scratch for n_ff neurons, x, idx and out."""
+        return _cuda().FFNScratch.bytes_for(args.n_embd, args.n_ff) + 4 * (2 * args.n_embd + args.n_ff)
+
+    def load(self, gate_up: Matrix, down: Matrix, act_kind: int, act_threshold: float) -> None:
+        """Append the next layer's hot block, copied to the device."""
+        self.kind, self.threshold = act_kind, act_threshold
+        if not gate_up.n_out:
+            self.blocks.append(None)
+            return
+        if self.buffers is None:
+            cuda, a = self.cuda, self.args
+            self.buffers = _Buffers(cuda, a.n_embd, a.n_ff)
+        self.blocks.append((self.cuda.to_device(gate_up.qtype, gate_up.data),
+                            self.cuda.to_device(down.qtype, down.data)))
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes this side allocated."""
+        weights = sum(g.nbytes + d.nbytes for g, d in filter(None, self.blocks))
+        return weights + (self.buffers.nbytes if self.buffers else 0)
+
+    def start(self, layer: int, idx: np.ndarray, x: np.ndarray) -> None:
+        """Copy x and the block positions idx in, launch the layer's hot part; returns at once."""
+        b = self.buffers
+        n = len(idx)
+        b.x_host[:] = x
+        b.idx_host[:n] = idx
+        b.x.copy_to_device(b.x_host, stream=self.stream)
+        b.idx[:n].copy_to_device(b.idx_host[:n], stream=self.stream)
+        gate_up, down = self.blocks[layer]
+        self.cuda.sparse_ffn(gate_up, down, self.kind, self.threshold, b.idx, n, b.x, b.out, b.scratch,
+                             stream=self.stream)
+        b.out.copy_to_host(b.out_host, stream=self.stream)
+
+    def finish(self, out: np.ndarray) -> None:
+        """Wait for the launch, then out += its result."""
+        self.stream.synchronize()
+        out += self.buffers.out_host
+
+
+class _Buffers:
+    """Device buffers of one decode step and their pinned host twins (pinned: asynchronous copies)."""
+
+    def __init__(self, cuda, n_embd: int, n_ff: int):
+        self.scratch = cuda.FFNScratch(n_embd, n_ff)
+        self.x_host, self.out_host = (cuda.pinned_array(n_embd, np.float32) for _ in range(2))
+        self.idx_host = cuda.pinned_array(n_ff, np.int32)
+        self.x, self.out = (cuda.device_array(n_embd, np.float32) for _ in range(2))
+        self.idx = cuda.device_array(n_ff, np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.scratch.nbytes + self.x.nbytes + self.out.nbytes + self.idx.nbytes
