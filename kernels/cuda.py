@@ -65,6 +65,21 @@ def free_memory() -> int:
     return int(cuda.current_context().get_memory_info()[0])
 
 
+def stream():
+    """A new CUDA stream, for launches and copies that overlap the CPU's work."""
+    return cuda.stream()
+
+
+def device_array(n: int, dtype):
+    """An uninitialised device array of n values."""
+    return cuda.device_array(n, dtype)
+
+
+def pinned_array(n: int, dtype):
+    """A page-locked host array of n values: copies to and from it on a stream are asynchronous."""
+    return cuda.pinned_array(n, dtype)
+
+
 def launches() -> int:
     """Kernel launches made by this module so far."""
     return _launches
@@ -97,7 +112,12 @@ class FFNScratch:
 
     @property
     def nbytes(self) -> int:
-        return self.partial.shape[0] * self.n_embd * 4 + 4
+        return self.bytes_for(self.n_embd, self.max_neurons)
+
+    @staticmethod
+    def bytes_for(n_embd: int, max_neurons: int) -> int:
+        """Device bytes of an FFNScratch(n_embd, max_neurons), before allocating it."""
+        return 4 * _blocks(max_neurons) * n_embd + 4
 
 
 def to_device(qtype: Q, w: np.ndarray) -> DeviceMatrix:

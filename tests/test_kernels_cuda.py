@@ -165,3 +165,24 @@ def test_bad_arguments():
         kc.matvec(gu, cuda.to_device(np.ones(N_EMBD - 1, np.float32)), cuda.device_array(2 * N_HOT, np.float32))
     with pytest.raises(ValueError, match="DeviceMatrix"):
         kc.matvec((qtype, gu.data), x, cuda.device_array(2 * N_HOT, np.float32))
+
+
+def test_on_a_stream_with_pinned_buffers():
+    """The caller's pattern: pinned host buffers, copies and the launch queued on one stream."""
+    qtype, rng = Q.F16, np.random.default_rng(3)
+    gate_up = blocks(rng.standard_normal((2 * N_HOT, N_EMBD)).astype(np.float32), qtype)
+    down = blocks(rng.standard_normal((N_HOT, N_EMBD)).astype(np.float32), qtype)
+    stream, scratch = kc.stream(), kc.FFNScratch(N_EMBD, N_HOT)
+    assert scratch.nbytes == kc.FFNScratch.bytes_for(N_EMBD, N_HOT) == 4 * 2 * N_EMBD + 4
+    x_host, out_host, idx_host = (kc.pinned_array(n, t) for n, t in ((N_EMBD, np.float32), (N_EMBD, np.float32),
+                                                                      (N_HOT, np.int32)))
+    x, out, idx = (kc.device_array(a.shape[0], a.dtype) for a in (x_host, out_host, idx_host))
+    x_host[:] = rounded(qtype, rng.standard_normal(N_EMBD).astype(np.float32))
+    idx_host[:2] = [2, 4]
+    x.copy_to_device(x_host, stream=stream)
+    idx.copy_to_device(idx_host, stream=stream)
+    kc.sparse_ffn(kc.to_device(qtype, gate_up), kc.to_device(qtype, down), ops.RELU, 0.0, idx, 2, x, out, scratch,
+                  stream=stream)
+    out.copy_to_host(out_host, stream=stream)
+    stream.synchronize()
+    close(out_host, reference_ffn(qtype, gate_up, down, ops.RELU, 0.0, [2, 4], x_host))
