@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from hybridinfer.errors import HybridInferError
+from hybridinfer.kernels.ops import DOT_ROUNDING, round_for_dot
 from hybridinfer.loader import Matrix, ModelArgs
 
 
@@ -70,11 +71,12 @@ class CUDASide:
         """Copy x and the block positions idx in, launch the layer's hot part; returns at once."""
         b = self.buffers
         n = len(idx)
-        b.x_host[:] = x
+        gate_up, down = self.blocks[layer]
+        # the CPU kernels round x to 8-bit blocks themselves (integer dots); the GPU takes it rounded
+        round_for_dot(DOT_ROUNDING[gate_up.qtype], x[None], b.x_host[None])
         b.idx_host[:n] = idx
         b.x.copy_to_device(b.x_host, stream=self.stream)
         b.idx[:n].copy_to_device(b.idx_host[:n], stream=self.stream)
-        gate_up, down = self.blocks[layer]
         self.cuda.sparse_ffn(gate_up, down, self.kind, self.threshold, b.idx, n, b.x, b.out, b.scratch,
                              stream=self.stream)
         b.out.copy_to_host(b.out_host, stream=self.stream)

@@ -29,7 +29,8 @@ KERNEL = dict(SERIAL_KERNEL, parallel=True)
 PARALLEL = dict(HELPER, parallel=True, inline="always")
 SHARED_PARALLEL = dict(HELPER, parallel=True)
 
-_PURE_PYTHON = {"__init__.py", "reference.py", "threads.py"}  # no numba code: edits there keep the cache
+# no numba code kept in the disk cache (cuda.py's kernels compile per process): edits there keep the cache
+_PURE_PYTHON = {"__init__.py", "cuda.py", "reference.py", "threads.py"}
 
 
 def drop_stale_cache() -> None:

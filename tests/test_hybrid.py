@@ -35,7 +35,7 @@ def budgets(args, weights):
 
 def split(args, weights, predictor, stats, budget):
     p = place(stats, [neuron_bytes(b) for b in weights.blk], budget, CPUSide.scratch_bytes(args))
-    side = CPUSide(args.n_embd)
+    side = CPUSide(args)
     ffn = make_ffn("predicted", args, weights.blk, N_BATCH, predictor, placement=p, side=side)
     assert isinstance(ffn, HybridFFN) and side.nbytes <= budget and side.nbytes == p.nbytes
     return ffn
@@ -127,7 +127,39 @@ def test_one_layer_of_7b_width():
     plain._decode(0, idx, x, want)
     for budget in (0, 3 * per_group + CPUSide.scratch_bytes(args), 10**10):
         p = place(stats, [neuron_bytes(blk)], budget, CPUSide.scratch_bytes(args))
-        ffn = HybridFFN(args, 1, [blk], predictor, p, CPUSide(n_embd))
+        ffn = HybridFFN(args, 1, [blk], predictor, p, CPUSide(args))
         got = np.empty(n_embd, np.float32)
         ffn._decode(0, idx, x, got)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_cuda_side_equals_cpu_side(tmp_path):
+    """The GPU side (in the CUDA simulator here, on the device in tools/gpu_check.sh) gives the CPU
+    side's output to float rounding, in one launch per layer, allocating exactly what the placement
+    counted."""
+    from hybridinfer.cuda_side import CUDASide
+    from hybridinfer.kernels import cuda
+    if cuda.available():
+        pytest.skip(cuda.available())
+    path = write_llama_gguf(tmp_path / "q4.gguf", qtype=Q.Q4_0, n_layer=2, n_embd=64, n_ff=128)
+    gguf = GGUFFile(path)
+    args = ModelArgs.from_metadata(gguf.metadata)
+    weights = load_weights(gguf, args)
+    rng = np.random.default_rng(4)
+    stats = ActivationStats([(rng.pareto(1.0, args.n_ff) * 10).astype(np.int64) for _ in range(2)], 10**6, None)
+    predictor = PredictorSet.all_active(2, args.n_embd, args.n_ff)
+    sizes = [neuron_bytes(b) for b in weights.blk]
+    for budget in (CUDASide.scratch_bytes(args) + 32 * sizes[0], 10**9):
+        p = place(stats, sizes, budget, CUDASide.scratch_bytes(args), group=32)
+        gpu = CUDASide(args)
+        on_gpu, on_cpu = (HybridFFN(args, 1, weights.blk, predictor, p, side) for side in (gpu, CPUSide(args)))
+        assert gpu.nbytes == p.nbytes <= budget
+        for layer in range(2):
+            x = rng.standard_normal(args.n_embd).astype(np.float32)
+            idx = np.sort(rng.choice(args.n_ff, 40, replace=False)).astype(np.int32)
+            want, got = np.empty(args.n_embd, np.float32), np.empty(args.n_embd, np.float32)
+            on_cpu._decode(layer, idx, x, want)
+            launched = cuda.launches()
+            on_gpu._decode(layer, idx, x, got)
+            assert cuda.launches() - launched == (len(p.hot[layer]) > 0)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
