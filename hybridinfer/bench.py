@@ -73,13 +73,17 @@ def hybridinfer_tests(model: Transformer, n_prompt: int, n_gen: int, seed: int =
     return tests
 
 
-def llamacpp_tests(path: Path, n_prompt: int, n_gen: int, threads: int, seed: int = 0) -> dict[str, Test]:
+def llamacpp_tests(path: Path, n_prompt: int, n_gen: int, threads: int, gpu_layers: int = 0,
+                   seed: int = 0) -> dict[str, Test]:
     try:
-        from llama_cpp import Llama
+        from llama_cpp import Llama, llama_supports_gpu_offload
     except ImportError:
         raise HybridInferError("--vs-llamacpp needs llama-cpp-python: pip install 'hybridinfer[llamacpp]'") from None
+    if gpu_layers and not llama_supports_gpu_offload():
+        raise HybridInferError("--vs-llamacpp with the GPU needs a CUDA build of llama-cpp-python (this one runs on "
+                               "the CPU only)")
     llm = Llama(model_path=str(path), n_ctx=max(n_prompt, n_gen, 1), n_batch=512, n_ubatch=512,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False)
     rng = np.random.default_rng(seed)
     tests = {}
     if n_prompt:

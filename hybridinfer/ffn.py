@@ -182,10 +182,10 @@ class CPUSide:
 
     name = "cpu"
 
-    def __init__(self, n_embd: int):
+    def __init__(self, args: ModelArgs):
         self.blocks: list[tuple[Matrix, Matrix]] = []
         self.kind, self.threshold = 0, 0.0
-        self.n_embd = n_embd
+        self.n_embd = args.n_embd
         self.part = np.zeros(0, np.float32)  # the hot neurons' share of the FFN output, once there are any
 
     @staticmethod

@@ -10,10 +10,15 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from hybridinfer.bench import hybridinfer_tests, llamacpp_tests, run_tests
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
 from hybridinfer.errors import HybridInferError
-from hybridinfer.ffn import DenseFFN, PredictedFFN
+from hybridinfer.ffn import DenseFFN, HybridFFN, PredictedFFN
+from hybridinfer.placement import place
+from hybridinfer.predictors import PredictorSet
+from hybridinfer.predictors.activity import ActivationStats
 from hybridinfer.model import Transformer
 
 
@@ -30,6 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _dense(s) -> Transformer:
+    """Dense mode on the session's weights; with a split, the same budget spent on whole layers' FFNs
+    (every neuron of the layers that fit, predicted all active) on the same fast side."""
+    m = s.model
+    if not s.placement:
+        return Transformer(m.args, m.w, m.n_ctx, DenseFFN(m.args, m.n_batch))
+    p = s.placement
+    layers = place(ActivationStats([np.ones(n, np.int64) for n in p.n_ff], None, None), p.neuron_bytes, p.budget,
+                   p.scratch_bytes, group=max(p.n_ff))
+    everyone = PredictorSet.all_active(m.args.n_layer, m.args.n_embd, m.args.n_ff)
+    side = type(m.ffn.side)(m.args)
+    print(f"dense mode with whole layers: {sum(len(h) > 0 for h in layers.hot)} layers' FFNs on {s.device} "
+          f"({layers.nbytes / 2**20:.1f} MiB)", file=sys.stderr)
+    return Transformer(m.args, m.w, m.n_ctx, HybridFFN(m.args, m.n_batch, m.w.blk, everyone, layers, side))
+
+
 def main(args: argparse.Namespace) -> int:
     s = load_session(args, n_ctx=max(args.n_prompt, args.n_gen, 1))
     if args.vs_predicted and not s.placement:
@@ -41,13 +62,18 @@ def main(args: argparse.Namespace) -> int:
     engines = {engine: hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
     m = s.model
     if args.vs_dense and s.mode != "off":
-        dense = Transformer(m.args, m.w, m.n_ctx, DenseFFN(m.args, m.n_batch))
-        engines["hybridinfer dense"] = hybridinfer_tests(dense, args.n_prompt, args.n_gen)
+        engines["hybridinfer dense"] = hybridinfer_tests(_dense(s), args.n_prompt, args.n_gen)
     if args.vs_predicted:
         cpu = Transformer(m.args, m.w, m.n_ctx, PredictedFFN(m.args, m.n_batch, m.w.blk, m.ffn.predictor))
         engines["hybridinfer predicted"] = hybridinfer_tests(cpu, args.n_prompt, args.n_gen)
     if args.vs_llamacpp:
-        engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads)
+        gpu_layers = 0
+        if s.placement and s.device == "cuda":  # the same budget as whole layers, llama.cpp's way to offload
+            layer_bytes = sum(t.data.nbytes for name, t in s.gguf.tensors.items() if name.startswith("blk.0."))
+            gpu_layers = min(s.placement.budget // layer_bytes, m.args.n_layer)
+            print(f"llama.cpp: {gpu_layers} of {m.args.n_layer} layers on the GPU (n_gpu_layers, "
+                  f"{layer_bytes / 2**20:.1f} MiB each)", file=sys.stderr)
+        engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads, gpu_layers)
     results = run_tests(engines, args.repetitions)
     ours = {r.test: r for r in results if r.engine == engine}
     baselines = [b for b in ("hybridinfer dense", "hybridinfer predicted", "llama.cpp") if b in engines]

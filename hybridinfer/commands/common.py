@@ -149,7 +149,7 @@ def _split(args: argparse.Namespace, mode: str, path: Path) -> tuple[str | None,
 def _fast_side(device: str, margs: ModelArgs, budget: int):
     """The fast side for --device, refused when the device cannot hold budget bytes."""
     if device == "cpu":
-        return CPUSide(margs.n_embd)
+        return CPUSide(margs)
     side = cuda_side.CUDASide(margs)
     free = cuda_side.free_memory()
     if budget > free:
