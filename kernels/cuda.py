@@ -24,8 +24,10 @@ import os
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from hybridinfer.kernels import _weight
-from hybridinfer.kernels.ops import FATRELU, RELU, SILU
+from hybridinfer import kernels
+from hybridinfer.kernels import _matrix as _host_matrix, _weight
+from hybridinfer.kernels.ops import (FATRELU, RELU, ROUND_BF16, ROUND_F16, ROUND_NONE, ROUND_Q8_0, ROUND_Q8_K,
+                                     SILU)
 
 try:
     from numba import config as _numba_config, cuda
@@ -43,6 +45,11 @@ _SIMULATED = cuda is not None and bool(_numba_config.ENABLE_CUDASIM)
 THREADS = 32 if _SIMULATED else 128
 NEURONS = 4
 ROWS = 2 * NEURONS
+# AttentionDecoder: its mat-vecs take GROUP rows per block-iteration and its kernels loop over
+# their work in at most MAX_BLOCKS blocks (grid-stride). The simulator pays per block and per
+# barrier, not per row: one block of 32 rows there, the full grid of ROWS-row blocks on a GPU.
+GROUP = 32 if _SIMULATED else ROWS
+MAX_BLOCKS = 1 if _SIMULATED else 1 << 20
 
 _F32, _F16, _Q8_0, _Q4_0, _Q4_1 = (int(t) for t in (Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1))
 _launches = 0
@@ -173,6 +180,120 @@ def sparse_ffn(gate_up: DeviceMatrix, down: DeviceMatrix, act_kind: int, act_thr
     kernel[_blocks(n), THREADS, stream](gate_up.data, down.data, act_kind, np.float32(act_threshold), idx_dev, n,
                                         x_dev, out_dev, scratch.partial, scratch.counter)
     _launches += 1
+
+
+class AttentionDecoder:
+    """The twin of kernels.AttentionDecoder on the device: one layer's attention block for one token,
+    x[1, n_embd] += attn_output(attention) of the token at pos, in four launches on its stream
+    (RMSNorm and the q/k/v input rounding; q, k and v together; RoPE, the f16 cache write, causal
+    GQA attention and the output's input rounding; the output projection and the residual).
+
+    Takes the CPU decoder's arguments, checked by it: weights (qtype, rounding kind, uint8 blocks),
+    host norm, cos, sin and the layer's HOST caches [n_head_kv, n_ctx, hd] f32, which a call keeps
+    mirrored (the token's k and v row, f16-rounded as the CPU stores it) so that a CPU prefill can go
+    on from them. The device keeps its own cache as f16 bits (uint16, half the bytes); upload_rows
+    copies host rows written by the CPU to it. Each input is rounded on the device as the CPU rounds
+    it for that weight type, so results equal the CPU decoder's to float rounding. Weight types
+    without a CUDA kernel raise ValueError: the caller keeps that layer on the CPU.
+    """
+
+    LAUNCHES = 4  # per call
+
+    def __init__(self, norm, eps, wq, wk, wv, wo, n_head: int, cos, sin, k_cache, v_cache, stream=None):
+        kernels.AttentionDecoder(norm, eps, wq, wk, wv, wo, n_head, cos, sin, k_cache, v_cache)  # the checks
+        self.n_kv, self.n_ctx, self.hd = k_cache.shape
+        self.n_embd, self.n_head = norm.shape[0], n_head
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.stream = cuda.stream() if stream is None else stream
+        self.weights = tuple(to_device(w[0], w[2]) for w in (wq, wk, wv, wo))
+        rounding = tuple(_input_rounding(w[0], w[1]) for w in (wq, wk, wv, wo))
+        n_q, n_kvd = n_head * self.hd, self.n_kv * self.hd
+        self.norm, self.cos, self.sin = (cuda.to_device(np.ascontiguousarray(a)) for a in (norm, cos, sin))
+        self.eps = np.float32(eps)
+        self.scale = np.float32(1.0 / np.sqrt(self.hd))  # as ops.attention computes it
+        # device cache: f16 bits [n_kv, n_ctx, hd] each
+        self.k_dev, self.v_dev = (cuda.device_array(k_cache.shape, np.uint16) for _ in range(2))
+        # scratch: x, xn [n_embd]; x rounded for q, k, v [3][n_embd]; q|k|v [n_q + 2 n_kvd]; the token's
+        # k|v rows f16-rounded [2, n_kv, hd]; scores [n_head, n_ctx]; att and att rounded [n_q]; counter
+        self.x, self.xn = (cuda.device_array(self.n_embd, np.float32) for _ in range(2))
+        self.xr = tuple(cuda.device_array(self.n_embd, np.float32) for _ in range(3))
+        self.qkv = cuda.device_array(n_q + 2 * n_kvd, np.float32)
+        self.kv_row = cuda.device_array((2, self.n_kv, self.hd), np.float32)
+        self.scores = cuda.device_array((n_head, self.n_ctx), np.float32)
+        self.att, self.att_r = (cuda.device_array(n_q, np.float32) for _ in range(2))
+        self.counter = cuda.to_device(np.zeros(1, np.int32))
+        self.x_host = cuda.pinned_array(self.n_embd, np.float32)
+        self.kv_host = cuda.pinned_array((2, self.n_kv, self.hd), np.float32)
+        self._input = _attn_input_for(*rounding[:3])
+        self._qkv = _qkv_for(*(int(m.qtype) for m in self.weights[:3]))
+        self._attend = _attend_for(rounding[3])
+        self._output = _attn_output_for(int(self.weights[3].qtype))
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes allocated: weights, norm, rope tables, the f16 caches and scratch."""
+        wq, wk, wv, wo = self.weights
+        return self.bytes_for(wq.nbytes, wk.nbytes, wv.nbytes, wo.nbytes, self.n_embd, self.n_head, self.n_kv,
+                              self.n_ctx, self.hd, self.cos.shape[1])
+
+    @staticmethod
+    def bytes_for(q_bytes: int, k_bytes: int, v_bytes: int, output_bytes: int, n_embd: int, n_head: int,
+                  n_head_kv: int, n_ctx: int, head_dim: int, rope_half: int) -> int:
+        """Device bytes of an AttentionDecoder, before allocating it: the four weights' bytes as in the
+        file (w.nbytes of each operand), norm, cos and sin [n_ctx, rope_half], k and v caches in f16,
+        and scratch."""
+        n_q, n_kvd = n_head * head_dim, n_head_kv * head_dim
+        tables = 4 * n_embd + 2 * 4 * n_ctx * rope_half
+        caches = 2 * 2 * n_head_kv * n_ctx * head_dim
+        scratch = 4 * (5 * n_embd + n_q + 2 * n_kvd + 2 * n_kvd + n_head * n_ctx + 2 * n_q + 1)
+        return q_bytes + k_bytes + v_bytes + output_bytes + tables + caches + scratch
+
+    def __call__(self, x: np.ndarray, pos: int) -> None:
+        global _launches
+        _host_matrix(x, 1, self.n_embd, "x", "(1, n_embd)", writable=True)
+        if not isinstance(pos, (int, np.integer)) or not 0 <= pos < self.n_ctx:
+            raise ValueError(f"position {pos!r} is outside the cache of {self.n_ctx}")
+        s, (wq, wk, wv, wo) = self.stream, self.weights
+        self.x_host[:] = x[0]
+        self.x.copy_to_device(self.x_host, stream=s)
+        self._input[1, THREADS, s](self.x, self.norm, self.eps, self.xn, *self.xr)
+        self._qkv[self._grid(wq.n_out + wk.n_out + wv.n_out, GROUP), THREADS, s](
+            wq.data, wk.data, wv.data, *self.xr, self.qkv)
+        self._attend[self._grid(self.n_head, 1), THREADS, s](
+            self.qkv, int(pos), self.cos, self.sin, self.scale, self.k_dev, self.v_dev, self.kv_row, self.scores,
+            self.att, self.att_r, self.counter)
+        self._output[self._grid(wo.n_out, GROUP), THREADS, s](wo.data, self.att_r, self.x)
+        _launches += self.LAUNCHES
+        self.x.copy_to_host(self.x_host, stream=s)
+        self.kv_row.copy_to_host(self.kv_host, stream=s)
+        s.synchronize()
+        x[0] = self.x_host
+        self.k_cache[:, pos] = self.kv_host[0]
+        self.v_cache[:, pos] = self.kv_host[1]
+
+    def upload_rows(self, start: int, stop: int) -> None:
+        """Copy the host caches' rows [start, stop) of every KV head to the device cache (after a CPU
+        prefill wrote them); returns when the copies are done."""
+        if not 0 <= start <= stop <= self.n_ctx:
+            raise ValueError(f"rows [{start}, {stop}) are not a range inside the cache of {self.n_ctx}")
+        for host, dev in ((self.k_cache, self.k_dev), (self.v_cache, self.v_dev)):
+            for h in range(self.n_kv if stop > start else 0):
+                # the host rows are f16-rounded already: the cast is exact
+                dev[h, start:stop].copy_to_device(host[h, start:stop].astype(np.float16).view(np.uint16),
+                                                  stream=self.stream)
+        self.stream.synchronize()
+
+    @staticmethod
+    def _grid(n: int, per_block: int) -> int:
+        return min(MAX_BLOCKS, _cdiv(n, per_block))
+
+
+def _input_rounding(qtype, kind) -> int:
+    """How the CPU decoder rounds the input of a weight: Q8_0 blocks for the types it takes integer
+    dots with (whatever the kind says), else the given kind, ROUND_Q8_0 meaning none there."""
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0):
+        return ROUND_Q8_0
+    return ROUND_NONE if kind == ROUND_Q8_0 else int(kind)
 
 
 # ---- host-side checks ----------------------------------------------------------------------
@@ -364,3 +485,247 @@ def _sparse_ffn_for(gu_fmt: int, down_fmt: int):
             if t == 0:
                 counter[0] = 0
     return sparse_ffn_kernel
+
+
+# ---- AttentionDecoder's device code ----------------------------------------------------------
+
+if cuda is not None:
+    @cuda.jit(device=True)
+    def _rint(v):
+        """v rounded to the nearest integer, ties to even (np.rint), as a float64."""
+        f = math.floor(v)
+        r = v - f
+        if r > 0.5 or (r == 0.5 and f % 2 != 0):
+            f += 1
+        return np.float64(f)
+
+    @cuda.jit(device=True)
+    def _round_mantissa(v, bits, min_exp):
+        """ops._round_mantissa: v rounded to nearest-even with `bits` mantissa bits, no finer than
+        2**(min_exp - bits - 1)."""
+        if v == 0.0:
+            return np.float32(0.0)
+        _, e = math.frexp(v)
+        ulp = math.ldexp(1.0, max(e, min_exp) - bits - 1)
+        return np.float32(_rint(v / ulp) * ulp)
+
+    @cuda.jit(device=True)
+    def _round_q8_block(src, out, b, block, f16_scale):
+        """ops._round_q8_blocks for the one block src[b:b + block]: out = d * min(127, rint(x * inv))."""
+        amax, vmax = np.float32(0.0), np.float32(0.0)
+        for i in range(b, b + block):
+            if abs(src[i]) > amax:
+                amax, vmax = abs(src[i]), src[i]
+        d, inv = np.float32(0.0), np.float32(0.0)
+        if amax != 0.0:
+            if f16_scale:
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d
+                d = _round_mantissa(d, 10, -13)
+            else:
+                inv = np.float32(-127.0) / vmax
+                d = np.float32(1.0) / inv
+        for i in range(b, b + block):
+            out[i] = d * np.float32(min(127.0, _rint(src[i] * inv)))
+
+    @cuda.jit(device=True)
+    def _round_input(kind, src, out, t):
+        """out = src rounded as the CPU rounds a mat-vec input of this kind (ops.round_for_dot); thread
+        t's share: 8-bit blocks one per thread, else values strided by THREADS."""
+        if kind == ROUND_Q8_0 or kind == ROUND_Q8_K:
+            block = 32 if kind == ROUND_Q8_0 else 256
+            for b in range(t, src.shape[0] // block, THREADS):
+                _round_q8_block(src, out, b * block, block, kind == ROUND_Q8_0)
+        else:
+            for i in range(t, src.shape[0], THREADS):
+                v = src[i]
+                if kind == ROUND_F16:
+                    v = _round_mantissa(v, 10, -13)
+                elif kind == ROUND_BF16:
+                    v = _round_mantissa(v, 7, -125)
+                out[i] = v
+
+    @cuda.jit(device=True)
+    def _half_bits(v):
+        """The f16 bits of v, a value f16 rounding keeps (magnitudes over 65504 become infinity)."""
+        sign = 0x8000 if v < 0 else 0
+        a = abs(v)
+        if a == 0.0:
+            return np.uint16(sign)
+        if a > 65504.0:
+            return np.uint16(sign | 0x7C00)
+        m, e = math.frexp(a)
+        if e + 14 >= 1:  # normal: a = (1 + mant / 1024) * 2**(e - 1)
+            return np.uint16(sign | ((e + 14) << 10) | (int(m * 2048.0) - 1024))
+        return np.uint16(sign | int(math.ldexp(a, 24)))
+
+    @cuda.jit(device=True)
+    def _cached(cache, kv, j, d):
+        """Value d of row j of KV head kv of a cache of f16 bits."""
+        return _ieee(np.int32(cache[kv, j, d]), 10, 5)
+
+    @cuda.jit(device=True)
+    def _roped(qkv, k, d, n_rot, pos, cos, sin):
+        """Value d of the token's k head at offset k in qkv after RoPE at pos (ops.rope), f16-rounded
+        as the cache keeps it."""
+        v = qkv[k + d]
+        if d < 2 * n_rot:
+            i = d // 2
+            x0, x1 = qkv[k + 2 * i], qkv[k + 2 * i + 1]
+            v = x0 * cos[pos, i] - x1 * sin[pos, i] if d % 2 == 0 else x0 * sin[pos, i] + x1 * cos[pos, i]
+        return _round_mantissa(v, 10, -13)
+
+    @cuda.jit(device=True)
+    def _group_dots(fmt, w, first, x, dots, t):
+        """dots[j, 0] = dot(row first + j of w, x) for the GROUP rows from first (zeros past the end)."""
+        for j in range(GROUP):
+            dots[j, t] = _row_dot(fmt, w, first + j, x, t) if first + j < w.shape[0] else np.float32(0.0)
+        _reduce(dots, t)
+
+    @cuda.jit(device=True)
+    def _block_reduce(red, t, is_max):
+        """red[0] = the sum (or max) of red[:THREADS], in a fixed tree order; every thread returns it."""
+        step = THREADS // 2
+        while step > 0:
+            cuda.syncthreads()
+            if t < step:
+                red[t] = max(red[t], red[t + step]) if is_max else red[t] + red[t + step]
+            step //= 2
+        cuda.syncthreads()
+        v = red[0]
+        cuda.syncthreads()  # before red is written again
+        return v
+
+
+@functools.cache
+def _attn_input_for(rq: int, rk: int, rv: int):
+    """AttentionDecoder's first kernel, for the q, k and v input roundings rq, rk, rv."""
+    @cuda.jit
+    def attn_input_kernel(x, norm, eps, xn, xq, xk, xv):
+        """One block: xn = rms_norm(x) * norm (ops.rms_norm's arithmetic), then xq, xk, xv = xn
+        rounded for the q, k and v weights."""
+        t = cuda.threadIdx.x
+        red = cuda.shared.array(THREADS, np.float32)
+        ss = np.float32(0.0)
+        for i in range(t, x.shape[0], THREADS):
+            ss += x[i] * x[i]
+        red[t] = ss
+        ss = _block_reduce(red, t, False)
+        scale = np.float32(1.0) / math.sqrt(ss / x.shape[0] + eps)
+        for i in range(t, x.shape[0], THREADS):
+            xn[i] = x[i] * scale * norm[i]
+        cuda.syncthreads()
+        _round_input(rq, xn, xq, t)
+        _round_input(rk, xn, xk, t)
+        _round_input(rv, xn, xv, t)
+    return attn_input_kernel
+
+
+@functools.cache
+def _qkv_for(fq: int, fk: int, fv: int):
+    """AttentionDecoder's q, k and v projections in one launch, for weights of types fq, fk, fv."""
+    @cuda.jit
+    def qkv_kernel(wq, wk, wv, xq, xk, xv, qkv):
+        """qkv = [wq @ xq, wk @ xk, wv @ xv]: the blocks take GROUP rows at a time of the three
+        matrices in turn (grid-stride)."""
+        t = cuda.threadIdx.x
+        dots = cuda.shared.array((GROUP, THREADS), np.float32)
+        gq, gk = (wq.shape[0] + GROUP - 1) // GROUP, (wk.shape[0] + GROUP - 1) // GROUP
+        for g in range(cuda.blockIdx.x, gq + 2 * gk, cuda.gridDim.x):
+            if g < gq:
+                first, offset = g * GROUP, 0
+                _group_dots(fq, wq, first, xq, dots, t)
+                n = wq.shape[0]
+            elif g < gq + gk:
+                first, offset = (g - gq) * GROUP, wq.shape[0]
+                _group_dots(fk, wk, first, xk, dots, t)
+                n = wk.shape[0]
+            else:
+                first, offset = (g - gq - gk) * GROUP, wq.shape[0] + wk.shape[0]
+                _group_dots(fv, wv, first, xv, dots, t)
+                n = wv.shape[0]
+            if t < GROUP and first + t < n:
+                qkv[offset + first + t] = dots[t, 0]
+            cuda.syncthreads()  # before dots is written again
+    return qkv_kernel
+
+
+@functools.cache
+def _attend_for(ro: int):
+    """AttentionDecoder's attention kernel, its output rounded as the output weight takes it (ro)."""
+    @cuda.jit
+    def attend_kernel(qkv, pos, cos, sin, scale, k_cache, v_cache, kv_row, scores, att, att_r, counter):
+        """Block b, heads b, b + gridDim.x, ...: RoPE on its q head (in place in qkv), scores of q with
+        the cached k rows 0..pos-1 and the token's own k (roped and f16-rounded here: every head of a
+        group needs it, and no block waits for another), softmax with the max subtracted, att = the
+        weighted sum of the v rows; the first head of each group writes the token's k and v (f16) to
+        the cache and to kv_row. The last block to finish rounds att into att_r."""
+        t = cuda.threadIdx.x
+        red = cuda.shared.array(THREADS, np.float32)
+        is_last = cuda.shared.array(1, np.int32)
+        n_head, n_kv, hd = att.shape[0] // k_cache.shape[2], k_cache.shape[0], k_cache.shape[2]
+        n_rot, n_q = cos.shape[1], att.shape[0]
+        for h in range(cuda.blockIdx.x, n_head, cuda.gridDim.x):
+            kv = h // (n_head // n_kv)
+            q, k, v = h * hd, n_q + kv * hd, n_q + n_kv * hd + kv * hd  # offsets in qkv
+            for i in range(t, n_rot, THREADS):
+                x0, x1 = qkv[q + 2 * i], qkv[q + 2 * i + 1]
+                qkv[q + 2 * i] = x0 * cos[pos, i] - x1 * sin[pos, i]
+                qkv[q + 2 * i + 1] = x0 * sin[pos, i] + x1 * cos[pos, i]
+            if h % (n_head // n_kv) == 0:  # the token's k and v into the cache
+                for d in range(t, hd, THREADS):
+                    kd, vd = _roped(qkv, k, d, n_rot, pos, cos, sin), _round_mantissa(qkv[v + d], 10, -13)
+                    kv_row[0, kv, d] = kd
+                    kv_row[1, kv, d] = vd
+                    k_cache[kv, pos, d] = _half_bits(kd)
+                    v_cache[kv, pos, d] = _half_bits(vd)
+            cuda.syncthreads()
+            peak = np.float32(-math.inf)
+            for j in range(t, pos + 1, THREADS):
+                acc = np.float32(0.0)
+                for d in range(hd):
+                    kd = _roped(qkv, k, d, n_rot, pos, cos, sin) if j == pos else _cached(k_cache, kv, j, d)
+                    acc += qkv[q + d] * kd
+                scores[h, j] = acc * scale
+                peak = max(peak, scores[h, j])
+            red[t] = peak
+            peak = _block_reduce(red, t, True)
+            total = np.float32(0.0)
+            for j in range(t, pos + 1, THREADS):
+                scores[h, j] = math.exp(scores[h, j] - peak)
+                total += scores[h, j]
+            red[t] = total
+            total = _block_reduce(red, t, False)
+            for d in range(t, hd, THREADS):
+                o = np.float32(0.0)
+                for j in range(pos + 1):
+                    vd = _round_mantissa(qkv[v + d], 10, -13) if j == pos else _cached(v_cache, kv, j, d)
+                    o += scores[h, j] / total * vd
+                att[q + d] = o
+            cuda.syncthreads()
+        cuda.threadfence()
+        cuda.syncthreads()
+        if t == 0:
+            is_last[0] = 1 if cuda.atomic.add(counter, 0, 1) == cuda.gridDim.x - 1 else 0
+        cuda.syncthreads()
+        if is_last[0] == 1:
+            _round_input(ro, att, att_r, t)
+            if t == 0:
+                counter[0] = 0
+    return attend_kernel
+
+
+@functools.cache
+def _attn_output_for(fo: int):
+    """AttentionDecoder's output projection and residual, for an output weight of type fo."""
+    @cuda.jit
+    def attn_output_kernel(wo, att_r, x):
+        """x += wo @ att_r, GROUP rows at a time (grid-stride)."""
+        t = cuda.threadIdx.x
+        dots = cuda.shared.array((GROUP, THREADS), np.float32)
+        for g in range(cuda.blockIdx.x, (wo.shape[0] + GROUP - 1) // GROUP, cuda.gridDim.x):
+            _group_dots(fo, wo, g * GROUP, att_r, dots, t)
+            if t < GROUP and g * GROUP + t < x.shape[0]:
+                x[g * GROUP + t] += dots[t, 0]
+            cuda.syncthreads()  # before dots is written again
+    return attn_output_kernel
