@@ -73,7 +73,9 @@ def test_run_prints_the_placement(capsys):
                                 "--stats", "--json")
     assert status == 0, err
     line = json.loads(out)["stats"]["placement"]
-    assert line.startswith("placement: cpu side 1.0 MiB of a 1.0 MiB budget (1280 of 6144 FFN neurons")  # 816 B each
+    # 816 bytes a neuron; the CPU side leaves attention where it is
+    assert line.startswith("placement: cpu side 1.0 MiB of a 1.0 MiB budget (attention of 0 of 6 layers, 0.0 MiB; "
+                           "1280 of 6144 FFN neurons")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -127,3 +129,28 @@ def test_device_cuda_without_a_gpu_or_the_extra(monkeypatch):
     result = cli_process("run", "-n", "1", "--vram-budget", "0.01", "--device", "cuda",
                          prelude="sys.modules['numba.cuda'] = None; ")  # as when numba-cuda is not installed
     assert result.returncode == 1 and "pip install 'hybridinfer[gpu]'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("budget", [0, 999, 1000, 2500, 4100, 4000 + 4000 + GROUP * 180, 10**7])
+def test_attention_first_layer_by_layer(budget):
+    stats = power_law_stats()
+    attention = [1000, 1000, 1000, 1000]
+    p = place(stats, BYTES, budget, scratch_bytes=4000, layer_bytes=attention)
+    assert p.nbytes <= budget
+    assert p.layers == min(4, budget // 1000) and p.layer_bytes == 1000 * p.layers
+    if any(len(h) for h in p.hot):  # neurons only once every layer's attention is in, with their scratch
+        assert p.layers == 4 and p.scratch_bytes == 4000
+    else:
+        assert p.scratch_bytes == 0
+    stopped = place(stats, BYTES, 10**7, scratch_bytes=4000, layer_bytes=[1000, None, 1000, 1000])
+    assert stopped.layers == 1  # a layer whose attention cannot go there ends the run from the first
+
+
+def test_whole_layers():
+    stats = power_law_stats()
+    per_layer = [1000 + 1000 * b for b in BYTES]
+    budget = 4000 + per_layer[0] + per_layer[1] + 10
+    p = place(stats, BYTES, budget, scratch_bytes=4000, layer_bytes=[1000] * 4, whole_layers=True)
+    assert [len(h) for h in p.hot] == [1000, 1000, 0, 0] and p.layers == 2 and p.nbytes <= budget
+    without_attention = place(stats, BYTES, budget, scratch_bytes=4000, whole_layers=True)
+    assert [len(h) for h in without_attention.hot] == [1000, 1000, 0, 0] and without_attention.layers == 0
