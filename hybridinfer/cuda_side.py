@@ -1,6 +1,9 @@
 """HybridFFN's fast side on a CUDA GPU: each layer's hot block in device memory, in the GGUF blocks
 the CPU copies hold, and per decode step one asynchronous kernel launch (kernels/cuda.py's
-sparse_ffn) whose result comes back while the CPU computes the cold neurons.
+sparse_ffn) whose result comes back while the CPU computes the cold neurons; and the attention of
+the layers the placement puts there (cuda.AttentionDecoder, 4 launches a token, the KV cache in
+device memory). The residual stream still comes back to the CPU after each attention block: the
+predictor and the cold neurons read it there.
 
 numba-cuda is imported only here and only when asked for, so the CPU path needs no CUDA package.
 """
@@ -10,7 +13,7 @@ import numpy as np
 
 from hybridinfer.errors import HybridInferError
 from hybridinfer.kernels.ops import DOT_ROUNDING, round_for_dot
-from hybridinfer.loader import Matrix, ModelArgs
+from hybridinfer.loader import Block, Matrix, ModelArgs
 
 
 def _cuda():
@@ -43,11 +46,36 @@ class CUDASide:
         self.blocks = []  # per layer: (gate_up, down) DeviceMatrix, or None for a layer with no hot neuron
         self.kind, self.threshold = 0, 0.0
         self.buffers = None  # device scratch, input and output, made with the first hot block
+        self.attention_bytes = 0  # of the layers attach() put here
 
     @staticmethod
     def scratch_bytes(args: ModelArgs) -> int:
         """Device bytes of the buffers: the kernel's scratch for n_ff neurons, x, idx and out."""
         return _cuda().FFNScratch.bytes_for(args.n_embd, args.n_ff) + 4 * (2 * args.n_embd + args.n_ff)
+
+    def layer_bytes(self, blocks: list[Block], args: ModelArgs, n_ctx: int) -> list[int | None]:
+        """Per layer, the device bytes of its attention (weights, norm, RoPE tables, f16 KV cache at
+        n_ctx, scratch: cuda.AttentionDecoder), None where a weight's type has no CUDA kernel."""
+        cuda = self.cuda
+        sizes = []
+        for blk in blocks:
+            weights = (blk.attn_q, blk.attn_k, blk.attn_v, blk.attn_output)
+            if any(w.qtype not in cuda.SUPPORTED_TYPES for w in weights):
+                sizes.append(None)
+                continue
+            sizes.append(cuda.AttentionDecoder.bytes_for(*(w.data.nbytes for w in weights), args.n_embd, args.n_head,
+                                                         args.n_head_kv, n_ctx, args.head_dim, args.rope_dim // 2))
+        return sizes
+
+    def attach(self, model, layers: int) -> None:
+        """Run the attention of the model's first layers on the GPU: their decoders become the CUDA
+        twins, over the same weights, RoPE tables and (mirrored) KV cache rows."""
+        for i, blk in enumerate(model.w.blk[:layers]):
+            model.attention_decoders[i] = self.cuda.AttentionDecoder(
+                blk.attn_norm, model.eps, blk.attn_q.operand, blk.attn_k.operand, blk.attn_v.operand,
+                blk.attn_output.operand, model.args.n_head, model.cos, model.sin, model.s.k_cache[i],
+                model.s.v_cache[i], stream=self.stream)
+            self.attention_bytes += model.attention_decoders[i].nbytes
 
     def load(self, gate_up: Matrix, down: Matrix, act_kind: int, act_threshold: float) -> None:
         """Append the next layer's hot block, copied to the device."""
@@ -65,7 +93,7 @@ class CUDASide:
     def nbytes(self) -> int:
         """Device bytes this side allocated."""
         weights = sum(g.nbytes + d.nbytes for g, d in filter(None, self.blocks))
-        return weights + (self.buffers.nbytes if self.buffers else 0)
+        return self.attention_bytes + weights + (self.buffers.nbytes if self.buffers else 0)
 
     def start(self, layer: int, idx: np.ndarray, x: np.ndarray) -> None:
         """Copy x and the block positions idx in, launch the layer's hot part; returns at once."""

@@ -192,6 +192,13 @@ class CPUSide:
     def scratch_bytes(args: ModelArgs) -> int:
         return 4 * args.n_embd
 
+    @staticmethod
+    def layer_bytes(blocks: list[Block], args: ModelArgs, n_ctx: int) -> None:
+        """None: attention stays where it is, the CPU being both sides (placement.place's layer_bytes)."""
+
+    def attach(self, model, layers: int) -> None:
+        """Nothing to attach: see layer_bytes."""
+
     def load(self, gate_up: Matrix, down: Matrix, act_kind: int, act_threshold: float) -> None:
         """Append the next layer's hot block."""
         self.blocks.append((gate_up, down))
@@ -251,11 +258,8 @@ SPARSE_MODES = ("off", "exact", "predicted")
 
 
 def make_ffn(mode: str, args: ModelArgs, blocks: list[Block], n_batch: int, predictor: PredictorSet | None = None,
-             stats: SparsityStats | None = None, placement=None, side=None):
-    """The FFN strategy for --sparse MODE (off, exact or predicted); predicted with a placement and
-    a fast side is the hybrid split."""
-    if mode == "predicted" and placement is not None:
-        return HybridFFN(args, n_batch, blocks, predictor, placement, side, stats)
+             stats: SparsityStats | None = None):
+    """The FFN strategy for --sparse MODE (off, exact or predicted)."""
     if mode == "predicted":
         return PredictedFFN(args, n_batch, blocks, predictor, stats)
     if mode == "exact":

@@ -127,6 +127,7 @@ class Transformer:
                 self.attention_decoders[i](x, pos)
             else:
                 self._attention(i, blk, pos, T)
+                self.attention_decoders[i].upload_rows(pos, pos + T)  # a GPU decoder's copy of the cache
             # FFN: rmsnorm, then the FFN strategy (dense or sparse), residual
             rms_norm(x, blk.ffn_norm, self.eps, xn)
             self.ffn(i, blk, x, xn, y)

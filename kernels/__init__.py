@@ -175,6 +175,10 @@ class AttentionDecoder:
         self._args = (norm, np.float32(eps), *weights)
         self._rest = (cos, sin, k_cache, v_cache, scratch)
 
+    def upload_rows(self, start: int, stop: int) -> None:
+        """Nothing to do: this decoder reads the caches it was given, where a prefill wrote rows
+        start..stop (cuda.AttentionDecoder, which keeps its own copy, takes them here)."""
+
     def __call__(self, x: np.ndarray, pos: int) -> None:
         _matrix(x, 1, self.n_embd, "x", "(1, n_embd)", writable=True)
         if not 0 <= pos < self.n_ctx:

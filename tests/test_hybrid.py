@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from hybridinfer.commands.common import DEFAULT_MODEL, DEFAULT_PREDICTOR, DEFAULT_STATS
-from hybridinfer.ffn import CPUSide, HybridFFN, PredictedFFN, make_ffn
+from hybridinfer.ffn import CPUSide, HybridFFN, PredictedFFN
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.kernels import quant
 from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, load_weights, model_fingerprint, round_input
@@ -36,8 +36,8 @@ def budgets(args, weights):
 def split(args, weights, predictor, stats, budget):
     p = place(stats, [neuron_bytes(b) for b in weights.blk], budget, CPUSide.scratch_bytes(args))
     side = CPUSide(args)
-    ffn = make_ffn("predicted", args, weights.blk, N_BATCH, predictor, placement=p, side=side)
-    assert isinstance(ffn, HybridFFN) and side.nbytes <= budget and side.nbytes == p.nbytes
+    ffn = HybridFFN(args, N_BATCH, weights.blk, predictor, p, side)
+    assert side.nbytes <= budget and side.nbytes == p.nbytes
     return ffn
 
 
@@ -163,3 +163,35 @@ def test_cuda_side_equals_cpu_side(tmp_path):
             on_gpu._decode(layer, idx, x, got)
             assert cuda.launches() - launched == (len(p.hot[layer]) > 0)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_layers_on_the_cuda_side(tmp_path):
+    """With room for every layer's attention, the GPU side runs it (4 launches a layer a token) and
+    the split model's logits follow predicted mode's through a prefill on the CPU (whose cache rows
+    the GPU takes) and decode steps on the GPU; the side allocates exactly what the placement counted."""
+    from hybridinfer.commands.common import Split
+    from hybridinfer.kernels import cuda
+    if cuda.available():
+        pytest.skip(cuda.available())
+    path = write_llama_gguf(tmp_path / "f32.gguf", qtype=Q.F32, n_layer=2, n_embd=64, n_ff=64, n_head=4,
+                            n_head_kv=2, n_ctx=16)
+    gguf = GGUFFile(path)
+    args = ModelArgs.from_metadata(gguf.metadata)
+    weights = load_weights(gguf, args)
+    rng = np.random.default_rng(5)
+    stats = ActivationStats([(rng.pareto(1.0, args.n_ff) * 10).astype(np.int64) for _ in range(2)], 10**6, None)
+    predictor = PredictorSet.from_arrays([rng.standard_normal((8, 64)) for _ in range(2)],
+                                         [rng.standard_normal((64, 8)) for _ in range(2)], [2.0, 2.0])
+    split = Split("cuda", 10**8, stats).model(args, weights, 16, predictor)
+    placement, side = split.ffn.placement, split.ffn.side
+    assert placement.layers == 2 and all(len(h) == 64 for h in placement.hot)
+    assert side.nbytes == placement.nbytes <= 10**8
+    plain = Transformer(args, weights, 16, PredictedFFN(args, N_BATCH, weights.blk, predictor))
+    tokens = rng.integers(3, 200, 7)
+    for model in (plain, split):
+        model.forward(tokens[:5], 0)
+    launched = cuda.launches()
+    for pos in range(5, 7):
+        want, got = (m.forward(tokens[pos:pos + 1], pos)[0].copy() for m in (plain, split))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert cuda.launches() - launched == 2 * 2 * (cuda.AttentionDecoder.LAUNCHES + 1)

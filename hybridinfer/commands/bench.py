@@ -10,15 +10,11 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from hybridinfer.bench import hybridinfer_tests, llamacpp_tests, run_tests
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
 from hybridinfer.errors import HybridInferError
-from hybridinfer.ffn import DenseFFN, HybridFFN, PredictedFFN
-from hybridinfer.placement import place
+from hybridinfer.ffn import DenseFFN, PredictedFFN
 from hybridinfer.predictors import PredictorSet
-from hybridinfer.predictors.activity import ActivationStats
 from hybridinfer.model import Transformer
 
 
@@ -36,19 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dense(s) -> Transformer:
-    """Dense mode on the session's weights; with a split, the same budget spent on whole layers' FFNs
-    (every neuron of the layers that fit, predicted all active) on the same fast side."""
+    """Dense mode on the session's weights; with a split, the same budget spent on whole layers from
+    the first (attention where the side takes it, and every FFN neuron, all predicted active)."""
     m = s.model
-    if not s.placement:
+    if not s.split:
         return Transformer(m.args, m.w, m.n_ctx, DenseFFN(m.args, m.n_batch))
-    p = s.placement
-    layers = place(ActivationStats([np.ones(n, np.int64) for n in p.n_ff], None, None), p.neuron_bytes, p.budget,
-                   p.scratch_bytes, group=max(p.n_ff))
     everyone = PredictorSet.all_active(m.args.n_layer, m.args.n_embd, m.args.n_ff)
-    side = type(m.ffn.side)(m.args)
-    print(f"dense mode with whole layers: {sum(len(h) > 0 for h in layers.hot)} layers' FFNs on {s.device} "
+    dense = s.split.model(m.args, m.w, m.n_ctx, everyone, whole_layers=True)
+    layers = dense.ffn.placement
+    print(f"dense mode with whole layers: {sum(len(h) > 0 for h in layers.hot)} layers on {s.split.device} "
           f"({layers.nbytes / 2**20:.1f} MiB)", file=sys.stderr)
-    return Transformer(m.args, m.w, m.n_ctx, HybridFFN(m.args, m.n_batch, m.w.blk, everyone, layers, side))
+    return dense
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
                                "--vram-budget GiB")
     engine = "hybridinfer" if s.mode == "off" else f"hybridinfer {s.mode}"
     if s.placement:
-        engine += f" + hot on {s.device}"
+        engine += f" + hot on {s.split.device}"
     engines = {engine: hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
     m = s.model
     if args.vs_dense and s.mode != "off":
@@ -68,9 +62,9 @@ def main(args: argparse.Namespace) -> int:
         engines["hybridinfer predicted"] = hybridinfer_tests(cpu, args.n_prompt, args.n_gen)
     if args.vs_llamacpp:
         gpu_layers = 0
-        if s.placement and s.device == "cuda":  # the same budget as whole layers, llama.cpp's way to offload
+        if s.split and s.split.device == "cuda":  # the same budget as whole layers, llama.cpp's way to offload
             layer_bytes = sum(t.data.nbytes for name, t in s.gguf.tensors.items() if name.startswith("blk.0."))
-            gpu_layers = min(s.placement.budget // layer_bytes, m.args.n_layer)
+            gpu_layers = min(s.split.budget // layer_bytes, m.args.n_layer)
             print(f"llama.cpp: {gpu_layers} of {m.args.n_layer} layers on the GPU (n_gpu_layers, "
                   f"{layer_bytes / 2**20:.1f} MiB each)", file=sys.stderr)
         engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads, gpu_layers)

@@ -12,11 +12,12 @@ import numba
 from hybridinfer import cuda_side, kernels
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
-from hybridinfer.loader import FFNActivation, ModelArgs, load_weights, model_fingerprint
-from hybridinfer.ffn import SPARSE_MODES, CPUSide, make_ffn
+from hybridinfer.loader import FFNActivation, ModelArgs, Weights, load_weights, model_fingerprint
+from hybridinfer.ffn import SPARSE_MODES, CPUSide, HybridFFN, make_ffn
 from hybridinfer.model import N_BATCH, RunState, Transformer
 from hybridinfer.placement import Placement, neuron_bytes, place
 from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats, activity
+from hybridinfer.predictors.activity import ActivationStats
 from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
 
@@ -105,11 +106,36 @@ class Session:
     load_s: float
     mode: str  # the FFN mode: off, exact or predicted
     stats: SparsityStats | None  # with stats=True
-    placement: Placement | None = None  # with --vram-budget
-    device: str | None = None  # the fast side's, with --vram-budget
+    split: "Split | None" = None  # with --vram-budget
+
+    @property
+    def placement(self) -> Placement | None:
+        return self.model.ffn.placement if self.split else None
 
     def describe_placement(self) -> str | None:
-        return self.placement.describe(self.device) if self.placement else None
+        return self.placement.describe(self.split.device) if self.split else None
+
+
+@dataclass
+class Split:
+    """--vram-budget's hot/cold split: the fast device, its budget in bytes, the profile to place by."""
+    device: str
+    budget: int
+    counts: ActivationStats
+
+    def model(self, margs: ModelArgs, weights: Weights, n_ctx: int, predictor: PredictorSet,
+              sparsity: SparsityStats | None = None, whole_layers: bool = False) -> Transformer:
+        """A model whose FFN is split by a placement under the budget (with whole_layers: whole
+        layers from the first, the baseline) and whose first layers' attention runs on the fast side
+        where the placement puts it there."""
+        side = _fast_side(self.device, margs, self.budget)
+        placement = place(self.counts, [neuron_bytes(blk) for blk in weights.blk], self.budget,
+                          side.scratch_bytes(margs), side.layer_bytes(weights.blk, margs, n_ctx),
+                          whole_layers=whole_layers)
+        model = Transformer(margs, weights, n_ctx,
+                            HybridFFN(margs, N_BATCH, weights.blk, predictor, placement, side, sparsity))
+        side.attach(model, placement.layers)
+        return model
 
 
 def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path | None) -> str:
@@ -214,17 +240,16 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
                 predictor = PredictorSet.load(predictor_dir, model_fingerprint(gguf, margs), args.predictor_type)
             except PredictorError as e:
                 raise HybridInferError(str(e)) from None
-        placement = side = None
+        sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
+        split = None
         if device:
-            budget = int(args.vram_budget * 2**30)
-            side = _fast_side(device, margs, budget)
             try:
                 counts = activity.load(profile, model_fingerprint(gguf, margs))
             except PredictorError as e:
                 raise HybridInferError(str(e)) from None
-            placement = place(counts, [neuron_bytes(blk) for blk in weights.blk], budget, side.scratch_bytes(margs))
-        sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
-        ffn = make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity, placement, side)
-        model = Transformer(margs, weights, n_ctx, ffn)
+            split = Split(device, int(args.vram_budget * 2**30), counts)
+            model = split.model(margs, weights, n_ctx, predictor, sparsity)
+        else:
+            model = Transformer(margs, weights, n_ctx, make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity))
         model.warm_up()
-    return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity, placement, device)
+    return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity, split)
