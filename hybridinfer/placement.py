@@ -14,6 +14,7 @@ With whole_layers, the budget goes to whole layers instead (each layer's parts a
 from the first): llama.cpp's way to offload (n_gpu_layers), the baseline the split is measured against.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ class Placement:
     scratch_bytes: int  # the neurons' buffers on the fast side (0 when it holds no neuron)
     budget: int  # bytes the fast side may allocate
     share: float  # expected share of all activations that the fast side's neurons serve
+    seconds: float  # the time place() took
 
     @property
     def hot_bytes(self) -> int:
@@ -58,7 +60,8 @@ class Placement:
                 f"(attention of {self.layers} of {len(self.n_ff)} layers, {self.layer_bytes / mib:.1f} MiB; "
                 f"{n_hot} of {n_all} FFN neurons, {self.hot_bytes / mib:.1f} MiB; "
                 f"{self.scratch_bytes / mib:.2f} MiB scratch), CPU side {self.cold_bytes / mib:.1f} MiB of FFN "
-                f"neurons; expected share of activations on the {device} side {100 * self.share:.1f}%")
+                f"neurons; expected share of activations on the {device} side {100 * self.share:.1f}%; placed in "
+                f"{1e3 * self.seconds:.0f} ms")
 
 
 def neuron_bytes(blk: Block) -> int:
@@ -73,6 +76,7 @@ def place(stats: ActivationStats, neuron_bytes: list[int], budget: int, scratch_
     """The placement of stats' neurons under budget bytes (see the module's docstring). layer_bytes:
     per layer, the bytes of its attention on the fast side, None where it cannot go there; None
     altogether for a side that leaves attention on the CPU."""
+    start = time.perf_counter()
     if budget < 0:
         raise HybridInferError(f"the fast-side budget must not be negative, got {budget} bytes")
     n_layer, n_ff = stats.n_layer, [len(c) for c in stats.counts]
@@ -99,7 +103,7 @@ def place(stats: ActivationStats, neuron_bytes: list[int], budget: int, scratch_
     total = sum(int(c.sum()) for c in stats.counts)
     served = sum(int(c[h].sum()) for c, h in zip(stats.counts, hot))
     return Placement(hot, n_ff, list(neuron_bytes), layers, attention, scratch_bytes if any(taken) else 0, budget,
-                     served / total if total else 0.0)
+                     served / total if total else 0.0, time.perf_counter() - start)
 
 
 def _hottest_groups(stats, order, neuron_bytes, left, scratch_bytes, group, taken) -> None:

@@ -41,7 +41,7 @@ from hybridinfer.kernels import cuda
 sys.exit(f'gpu_check: {cuda.available()}' if cuda.available() else 0)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     step "GPU tests on the device"
-    NUMBA_ENABLE_CUDASIM=0 python3 -m pytest -q tests/test_kernels_cuda.py tests/test_hybrid.py -k "cuda"
+    NUMBA_ENABLE_CUDASIM=0 python3 -m pytest -q tests/test_kernels_cuda.py tests/test_attention_cuda.py tests/test_hybrid.py -k "cuda"
 fi
 
 MODEL=${MODEL:-$OUT/synth7b.gguf}
