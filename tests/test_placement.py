@@ -154,3 +154,12 @@ def test_whole_layers():
     assert [len(h) for h in p.hot] == [1000, 1000, 0, 0] and p.layers == 2 and p.nbytes <= budget
     without_attention = place(stats, BYTES, budget, scratch_bytes=4000, whole_layers=True)
     assert [len(h) for h in without_attention.hot] == [1000, 1000, 0, 0] and without_attention.layers == 0
+
+
+def test_budget_over_the_gpus_free_memory(capsys):
+    from hybridinfer.kernels import cuda
+    if cuda.available():
+        pytest.skip(cuda.available())
+    free = cuda.free_memory()  # in the simulator: the host's available memory
+    status, _, err = cli_main(capsys, "run", "-n", "1", "--device", "cuda", "--vram-budget", str(2 * free / 2**30))
+    assert status == 1 and "more than the GPU's free memory" in err and "GiB): give at most that" in err, err
