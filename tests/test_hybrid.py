@@ -85,16 +85,20 @@ def test_default_model_in_lockstep(tiny):
     assert len(compared) == len(tokens) * args.n_layer
 
 
+def random_model(path, qtype, n_ff, seed, **sizes):
+    """A random 2-layer ReLU model of n_embd 64 in qtype, a power-law profile and a random predictor."""
+    gguf = GGUFFile(write_llama_gguf(path, qtype=qtype, n_layer=2, n_embd=64, n_ff=n_ff, **sizes))
+    args = ModelArgs.from_metadata(gguf.metadata)
+    rng = np.random.default_rng(seed)
+    stats = ActivationStats([(rng.pareto(1.0, n_ff) * 10).astype(np.int64) for _ in range(2)], 10**6, None)
+    predictor = PredictorSet.from_arrays([rng.standard_normal((8, 64)) for _ in range(2)],
+                                         [rng.standard_normal((n_ff, 8)) for _ in range(2)], [2.0, 2.0])
+    return args, load_weights(gguf, args), stats, predictor, rng
+
+
 def test_float_model_logits(tmp_path):
     """With F32 weights only the KV cache rounds (to f16, as llama.cpp's): the logits agree to float rounding."""
-    path = write_llama_gguf(tmp_path / "relu.gguf", qtype=Q.F32, n_layer=2, n_embd=64, n_ff=1024)
-    gguf = GGUFFile(path)
-    args = ModelArgs.from_metadata(gguf.metadata)
-    weights = load_weights(gguf, args)
-    rng = np.random.default_rng(2)
-    stats = ActivationStats([(rng.pareto(1.0, args.n_ff) * 10).astype(np.int64) for _ in range(2)], 10**6, None)
-    predictor = PredictorSet.from_arrays([rng.standard_normal((8, 64)) for _ in range(2)],
-                                         [rng.standard_normal((1024, 8)) for _ in range(2)], [2.0, 2.0])
+    args, weights, stats, predictor, rng = random_model(tmp_path / "relu.gguf", Q.F32, 1024, seed=2)
     tokens = rng.integers(3, 200, 12)
 
     def logits(ffn):
@@ -141,12 +145,7 @@ def test_cuda_side_equals_cpu_side(tmp_path):
     from hybridinfer.kernels import cuda
     if cuda.available():
         pytest.skip(cuda.available())
-    path = write_llama_gguf(tmp_path / "q4.gguf", qtype=Q.Q4_0, n_layer=2, n_embd=64, n_ff=128)
-    gguf = GGUFFile(path)
-    args = ModelArgs.from_metadata(gguf.metadata)
-    weights = load_weights(gguf, args)
-    rng = np.random.default_rng(4)
-    stats = ActivationStats([(rng.pareto(1.0, args.n_ff) * 10).astype(np.int64) for _ in range(2)], 10**6, None)
+    args, weights, stats, _, rng = random_model(tmp_path / "q4.gguf", Q.Q4_0, 128, seed=4)
     predictor = PredictorSet.all_active(2, args.n_embd, args.n_ff)
     sizes = [neuron_bytes(b) for b in weights.blk]
     for budget in (CUDASide.scratch_bytes(args) + 32 * sizes[0], 10**9):
@@ -173,15 +172,8 @@ def test_layers_on_the_cuda_side(tmp_path):
     from hybridinfer.kernels import cuda
     if cuda.available():
         pytest.skip(cuda.available())
-    path = write_llama_gguf(tmp_path / "f32.gguf", qtype=Q.F32, n_layer=2, n_embd=64, n_ff=64, n_head=4,
-                            n_head_kv=2, n_ctx=16)
-    gguf = GGUFFile(path)
-    args = ModelArgs.from_metadata(gguf.metadata)
-    weights = load_weights(gguf, args)
-    rng = np.random.default_rng(5)
-    stats = ActivationStats([(rng.pareto(1.0, args.n_ff) * 10).astype(np.int64) for _ in range(2)], 10**6, None)
-    predictor = PredictorSet.from_arrays([rng.standard_normal((8, 64)) for _ in range(2)],
-                                         [rng.standard_normal((64, 8)) for _ in range(2)], [2.0, 2.0])
+    args, weights, stats, predictor, rng = random_model(tmp_path / "f32.gguf", Q.F32, 64, seed=5, n_head=4,
+                                                        n_head_kv=2, n_ctx=16)
     split = Split("cuda", 10**8, stats).model(args, weights, 16, predictor)
     placement, side = split.ffn.placement, split.ffn.side
     assert placement.layers == 2 and all(len(h) == 64 for h in placement.hot)
