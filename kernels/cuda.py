@@ -31,6 +31,7 @@ from hybridinfer.kernels.ops import (FATRELU, RELU, ROUND_BF16, ROUND_F16, ROUND
 
 try:
     from numba import config as _numba_config, cuda
+    from numba.cuda.types import float32 as _FLOAT32  # dynamic shared arrays: the simulator takes no np.float32
     _IMPORT_ERROR = None
 except ImportError as e:  # numba-cuda missing, or cuda-bindings, which it needs even in the simulator
     cuda, _IMPORT_ERROR = None, e
@@ -48,8 +49,12 @@ ROWS = 2 * NEURONS
 # AttentionDecoder: its mat-vecs take GROUP rows per block-iteration and its kernels loop over
 # their work in at most MAX_BLOCKS blocks (grid-stride). The simulator pays per block and per
 # barrier, not per row: one block of 32 rows there, the full grid of ROWS-row blocks on a GPU.
+# Its q/k/v kernel keeps the block's rounded input in shared memory beside its dots and reduction
+# row: a block may have 48 KiB of shared memory without opting in to more, which bounds n_embd.
 GROUP = 32 if _SIMULATED else ROWS
 MAX_BLOCKS = 1 if _SIMULATED else 1 << 20
+SHARED_BYTES = 48 * 1024
+MAX_ATTENTION_EMBD = (SHARED_BYTES - 4 * (GROUP + 1) * THREADS) // 4
 
 _F32, _F16, _Q8_0, _Q4_0, _Q4_1 = (int(t) for t in (Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1))
 _launches = 0
@@ -184,8 +189,8 @@ def sparse_ffn(gate_up: DeviceMatrix, down: DeviceMatrix, act_kind: int, act_thr
 
 class AttentionDecoder:
     """The twin of kernels.AttentionDecoder on the device: one layer's attention block for one token,
-    x[1, n_embd] += attn_output(attention) of the token at pos, in four launches on its stream
-    (RMSNorm and the q/k/v input rounding; q, k and v together; RoPE, the f16 cache write, causal
+    x[1, n_embd] += attn_output(attention) of the token at pos, in three launches on its stream
+    (RMSNorm, the q/k/v input rounding and q, k and v together; RoPE, the f16 cache write, causal
     GQA attention and the output's input rounding; the output projection and the residual).
 
     Takes the CPU decoder's arguments, checked by it: weights (qtype, rounding kind, uint8 blocks),
@@ -194,15 +199,19 @@ class AttentionDecoder:
     on from them. The device keeps its own cache as f16 bits (uint16, half the bytes); upload_rows
     copies host rows written by the CPU to it. Each input is rounded on the device as the CPU rounds
     it for that weight type, so results equal the CPU decoder's to float rounding. Weight types
-    without a CUDA kernel raise ValueError: the caller keeps that layer on the CPU.
+    without a CUDA kernel, and n_embd over MAX_ATTENTION_EMBD, raise ValueError: the caller keeps
+    that layer on the CPU.
     """
 
-    LAUNCHES = 4  # per call
+    LAUNCHES = 3  # per call
 
     def __init__(self, norm, eps, wq, wk, wv, wo, n_head: int, cos, sin, k_cache, v_cache, stream=None):
         kernels.AttentionDecoder(norm, eps, wq, wk, wv, wo, n_head, cos, sin, k_cache, v_cache)  # the checks
         self.n_kv, self.n_ctx, self.hd = k_cache.shape
         self.n_embd, self.n_head = norm.shape[0], n_head
+        if self.n_embd > MAX_ATTENTION_EMBD:
+            raise ValueError(f"n_embd {self.n_embd} does not fit the q/k/v kernel's shared memory "
+                             f"(at most {MAX_ATTENTION_EMBD}): keep this layer's attention on the CPU")
         self.k_cache, self.v_cache = k_cache, v_cache
         self.stream = cuda.stream() if stream is None else stream
         self.weights = tuple(to_device(w[0], w[2]) for w in (wq, wk, wv, wo))
@@ -213,10 +222,10 @@ class AttentionDecoder:
         self.scale = np.float32(1.0 / np.sqrt(self.hd))  # as ops.attention computes it
         # device cache: f16 bits [n_kv, n_ctx, hd] each
         self.k_dev, self.v_dev = (cuda.device_array(k_cache.shape, np.uint16) for _ in range(2))
-        # scratch: x, xn [n_embd]; x rounded for q, k, v [3][n_embd]; q|k|v [n_q + 2 n_kvd]; the token's
-        # k|v rows f16-rounded [2, n_kv, hd]; scores [n_head, n_ctx]; att and att rounded [n_q]; counter
-        self.x, self.xn = (cuda.device_array(self.n_embd, np.float32) for _ in range(2))
-        self.xr = tuple(cuda.device_array(self.n_embd, np.float32) for _ in range(3))
+        # scratch: x [n_embd]; q|k|v [n_q + 2 n_kvd]; the token's k|v rows f16-rounded [2, n_kv, hd];
+        # scores [n_head, n_ctx]; att and att rounded [n_q]; counter. The rounded inputs of q, k
+        # and v live in each q/k/v block's shared memory.
+        self.x = cuda.device_array(self.n_embd, np.float32)
         self.qkv = cuda.device_array(n_q + 2 * n_kvd, np.float32)
         self.kv_row = cuda.device_array((2, self.n_kv, self.hd), np.float32)
         self.scores = cuda.device_array((n_head, self.n_ctx), np.float32)
@@ -224,8 +233,7 @@ class AttentionDecoder:
         self.counter = cuda.to_device(np.zeros(1, np.int32))
         self.x_host = cuda.pinned_array(self.n_embd, np.float32)
         self.kv_host = cuda.pinned_array((2, self.n_kv, self.hd), np.float32)
-        self._input = _attn_input_for(*rounding[:3])
-        self._qkv = _qkv_for(*(int(m.qtype) for m in self.weights[:3]))
+        self._qkv = _qkv_for(*(int(m.qtype) for m in self.weights[:3]), *rounding[:3])
         self._attend = _attend_for(rounding[3])
         self._output = _attn_output_for(int(self.weights[3].qtype))
 
@@ -245,7 +253,7 @@ class AttentionDecoder:
         n_q, n_kvd = n_head * head_dim, n_head_kv * head_dim
         tables = 4 * n_embd + 2 * 4 * n_ctx * rope_half
         caches = 2 * 2 * n_head_kv * n_ctx * head_dim
-        scratch = 4 * (5 * n_embd + n_q + 2 * n_kvd + 2 * n_kvd + n_head * n_ctx + 2 * n_q + 1)
+        scratch = 4 * (n_embd + n_q + 2 * n_kvd + 2 * n_kvd + n_head * n_ctx + 2 * n_q + 1)
         return q_bytes + k_bytes + v_bytes + output_bytes + tables + caches + scratch
 
     def __call__(self, x: np.ndarray, pos: int) -> None:
@@ -256,9 +264,8 @@ class AttentionDecoder:
         s, (wq, wk, wv, wo) = self.stream, self.weights
         self.x_host[:] = x[0]
         self.x.copy_to_device(self.x_host, stream=s)
-        self._input[1, THREADS, s](self.x, self.norm, self.eps, self.xn, *self.xr)
-        self._qkv[self._grid(wq.n_out + wk.n_out + wv.n_out, GROUP), THREADS, s](
-            wq.data, wk.data, wv.data, *self.xr, self.qkv)
+        self._qkv[self._grid(wq.n_out + wk.n_out + wv.n_out, GROUP), THREADS, s, 4 * self.n_embd](
+            self.x, self.norm, self.eps, wq.data, wk.data, wv.data, self.qkv)
         self._attend[self._grid(self.n_head, 1), THREADS, s](
             self.qkv, int(pos), self.cos, self.sin, self.scale, self.k_dev, self.v_dev, self.kv_row, self.scores,
             self.att, self.att_r, self.counter)
@@ -598,55 +605,59 @@ if cuda is not None:
 
 
 @functools.cache
-def _attn_input_for(rq: int, rk: int, rv: int):
-    """AttentionDecoder's first kernel, for the q, k and v input roundings rq, rk, rv."""
+def _qkv_for(fq: int, fk: int, fv: int, rq: int, rk: int, rv: int):
+    """AttentionDecoder's RMSNorm and q, k and v projections in one launch, for weights of types fq,
+    fk, fv whose inputs are rounded as rq, rk, rv say."""
     @cuda.jit
-    def attn_input_kernel(x, norm, eps, xn, xq, xk, xv):
-        """One block: xn = rms_norm(x) * norm (ops.rms_norm's arithmetic), then xq, xk, xv = xn
-        rounded for the q, k and v weights."""
-        t = cuda.threadIdx.x
+    def qkv_kernel(x, norm, eps, wq, wk, wv, qkv):
+        """qkv = [wq @ xq, wk @ xk, wv @ xv], where xq, xk, xv = rms_norm(x) * norm (ops.rms_norm's
+        arithmetic) rounded for the q, k and v weights: the blocks take GROUP rows at a time of the
+        three matrices in turn (grid-stride). Every block computes the norm itself, in the same
+        fixed order (so all agree), and rounds it into its shared memory (dynamic, n_embd values)
+        for the matrix at hand, again when it moves on to the next: no launch of its own, for a
+        read of x and norm per block, from L2."""
+        t, n = cuda.threadIdx.x, x.shape[0]
+        dots = cuda.shared.array((GROUP, THREADS), np.float32)
         red = cuda.shared.array(THREADS, np.float32)
+        xr = cuda.shared.array(0, _FLOAT32)
         ss = np.float32(0.0)
-        for i in range(t, x.shape[0], THREADS):
+        for i in range(t, n, THREADS):
             ss += x[i] * x[i]
         red[t] = ss
         ss = _block_reduce(red, t, False)
-        scale = np.float32(1.0) / math.sqrt(ss / x.shape[0] + eps)
-        for i in range(t, x.shape[0], THREADS):
-            xn[i] = x[i] * scale * norm[i]
-        cuda.syncthreads()
-        _round_input(rq, xn, xq, t)
-        _round_input(rk, xn, xk, t)
-        _round_input(rv, xn, xv, t)
-    return attn_input_kernel
-
-
-@functools.cache
-def _qkv_for(fq: int, fk: int, fv: int):
-    """AttentionDecoder's q, k and v projections in one launch, for weights of types fq, fk, fv."""
-    @cuda.jit
-    def qkv_kernel(wq, wk, wv, xq, xk, xv, qkv):
-        """qkv = [wq @ xq, wk @ xk, wv @ xv]: the blocks take GROUP rows at a time of the three
-        matrices in turn (grid-stride)."""
-        t = cuda.threadIdx.x
-        dots = cuda.shared.array((GROUP, THREADS), np.float32)
+        scale = np.float32(1.0) / math.sqrt(ss / n + eps)
         gq, gk = (wq.shape[0] + GROUP - 1) // GROUP, (wk.shape[0] + GROUP - 1) // GROUP
+        held = -1  # the matrix (0, 1, 2: q, k, v) whose input xr holds
         for g in range(cuda.blockIdx.x, gq + 2 * gk, cuda.gridDim.x):
-            if g < gq:
+            m = 0 if g < gq else 1 if g < gq + gk else 2
+            if m != held:  # the previous iteration's closing barrier ends every read of xr
+                for i in range(t, n, THREADS):
+                    xr[i] = x[i] * scale * norm[i]
+                cuda.syncthreads()
+                # in place: each thread rounds the values (or 8-bit blocks) it alone reads and writes
+                if m == 0:
+                    _round_input(rq, xr, xr, t)
+                elif m == 1:
+                    _round_input(rk, xr, xr, t)
+                else:
+                    _round_input(rv, xr, xr, t)
+                cuda.syncthreads()
+                held = m
+            if m == 0:
                 first, offset = g * GROUP, 0
-                _group_dots(fq, wq, first, xq, dots, t)
-                n = wq.shape[0]
-            elif g < gq + gk:
+                _group_dots(fq, wq, first, xr, dots, t)
+                rows = wq.shape[0]
+            elif m == 1:
                 first, offset = (g - gq) * GROUP, wq.shape[0]
-                _group_dots(fk, wk, first, xk, dots, t)
-                n = wk.shape[0]
+                _group_dots(fk, wk, first, xr, dots, t)
+                rows = wk.shape[0]
             else:
                 first, offset = (g - gq - gk) * GROUP, wq.shape[0] + wk.shape[0]
-                _group_dots(fv, wv, first, xv, dots, t)
-                n = wv.shape[0]
-            if t < GROUP and first + t < n:
+                _group_dots(fv, wv, first, xr, dots, t)
+                rows = wv.shape[0]
+            if t < GROUP and first + t < rows:
                 qkv[offset + first + t] = dots[t, 0]
-            cuda.syncthreads()  # before dots is written again
+            cuda.syncthreads()  # before dots and xr are written again
     return qkv_kernel
 
 
