@@ -1,7 +1,7 @@
 """HybridFFN's fast side on a CUDA GPU: each layer's hot block in device memory, in the GGUF blocks
 the CPU copies hold, and per decode step one asynchronous kernel launch (kernels/cuda.py's
 sparse_ffn) whose result comes back while the CPU computes the cold neurons; and the attention of
-the layers the placement puts there (cuda.AttentionDecoder, 4 launches a token, the KV cache in
+the layers the placement puts there (cuda.AttentionDecoder, 3 launches a token, the KV cache in
 device memory). The residual stream still comes back to the CPU after each attention block: the
 predictor and the cold neurons read it there.
 
@@ -55,12 +55,13 @@ class CUDASide:
 
     def layer_bytes(self, blocks: list[Block], args: ModelArgs, n_ctx: int) -> list[int | None]:
         """Per layer, the device bytes of its attention (weights, norm, RoPE tables, f16 KV cache at
-        n_ctx, scratch: cuda.AttentionDecoder), None where a weight's type has no CUDA kernel."""
+        n_ctx, scratch: cuda.AttentionDecoder), None where a weight's type has no CUDA kernel or the
+        rows are wider than its shared memory holds."""
         cuda = self.cuda
         sizes = []
         for blk in blocks:
             weights = (blk.attn_q, blk.attn_k, blk.attn_v, blk.attn_output)
-            if any(w.qtype not in cuda.SUPPORTED_TYPES for w in weights):
+            if any(w.qtype not in cuda.SUPPORTED_TYPES for w in weights) or args.n_embd > cuda.MAX_ATTENTION_EMBD:
                 sizes.append(None)
                 continue
             sizes.append(cuda.AttentionDecoder.bytes_for(*(w.data.nbytes for w in weights), args.n_embd, args.n_head,

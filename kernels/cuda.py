@@ -429,6 +429,20 @@ if cuda is not None:
             return max(g, np.float32(0.0))
         return g if g >= threshold else np.float32(0.0)
 
+    @cuda.jit(device=True)
+    def _last_block(counter, is_last, t):
+        """True, in every thread of it, for the last block of the grid to get here, once every block's
+        writes before it are visible (a fence, then the atomic count of blocks done in counter[0],
+        which that block sets back to 0; is_last: a shared int32[1])."""
+        cuda.threadfence()
+        cuda.syncthreads()
+        if t == 0:
+            is_last[0] = 1 if cuda.atomic.add(counter, 0, 1) == cuda.gridDim.x - 1 else 0
+            if is_last[0] == 1:  # every block has counted: zero for the next launch
+                counter[0] = 0
+        cuda.syncthreads()
+        return is_last[0] == 1
+
 
 @functools.cache
 def _matvec_for(fmt: int):
@@ -478,19 +492,12 @@ def _sparse_ffn_for(gu_fmt: int, down_fmt: int):
                 if rows[j] >= 0 and h[j] != 0:
                     s += h[j] * _value(down_fmt, down, rows[j], c)
             partial[blk, c] = s
-        cuda.threadfence()
-        cuda.syncthreads()
-        if t == 0:
-            is_last[0] = 1 if cuda.atomic.add(counter, 0, 1) == cuda.gridDim.x - 1 else 0
-        cuda.syncthreads()
-        if is_last[0] == 1:
+        if _last_block(counter, is_last, t):
             for c in range(t, out.shape[0], THREADS):
                 s = np.float32(0.0)
                 for b in range(cuda.gridDim.x):
                     s += partial[b, c]
                 out[c] = s
-            if t == 0:
-                counter[0] = 0
     return sparse_ffn_kernel
 
 
@@ -714,15 +721,8 @@ def _attend_for(ro: int):
                     o += scores[h, j] / total * vd
                 att[q + d] = o
             cuda.syncthreads()
-        cuda.threadfence()
-        cuda.syncthreads()
-        if t == 0:
-            is_last[0] = 1 if cuda.atomic.add(counter, 0, 1) == cuda.gridDim.x - 1 else 0
-        cuda.syncthreads()
-        if is_last[0] == 1:
+        if _last_block(counter, is_last, t):
             _round_input(ro, att, att_r, t)
-            if t == 0:
-                counter[0] = 0
     return attend_kernel
 
 
