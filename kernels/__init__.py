@@ -7,7 +7,8 @@ copies or dequantises the whole matrix. Any alignment works.
 
 For Q4_0, Q4_1 and Q8_0 weights, matvec, matmul and gather_matvec first quantise x to 8-bit blocks
 of 32 values, as ggml does (its vec_dot_type), and mat-vecs take exact integer dot products of the
-bytes; other types take x as given.
+bytes; other types take x as given, rounded by the caller where ggml rounds it (ops.DOT_ROUNDING:
+Q8_0 values for Q5_0 and Q5_1, Q8_K for the K-quants).
 
 Every function checks shapes, dtypes and contiguity here, since the numba kernels (kernels/cpu.py)
 check no bounds, and raises ValueError on bad input. Results are bit-identical whatever the
@@ -28,6 +29,8 @@ from .threads import get_threads, set_threads, team  # noqa: E402,F401 (get_thre
 SUPPORTED_TYPES = frozenset({
     GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
     GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q2_K,
+    GGMLQuantizationType.Q3_K, GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
     GGMLQuantizationType.Q6_K,
 })
 

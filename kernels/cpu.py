@@ -30,6 +30,9 @@ from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves
 
 _F32, _F16, _BF16 = int(_T.F32), int(_T.F16), int(_T.BF16)
 _Q8_0, _Q4_0, _Q4_1, _Q6_K = int(_T.Q8_0), int(_T.Q4_0), int(_T.Q4_1), int(_T.Q6_K)
+_Q5_0, _Q5_1, _Q2_K, _Q3_K, _Q4_K, _Q5_K = (int(_T.Q5_0), int(_T.Q5_1), int(_T.Q2_K), int(_T.Q3_K), int(_T.Q4_K),
+                                            int(_T.Q5_K))
+_LANE = np.arange(LANES, dtype=np.uint8)  # lane numbers, the shifts that spread a bit mask over the lanes
 
 
 # ---- one decode function per format: (row uint8[row_bytes], group g) -> F32x16 -----------------
@@ -90,18 +93,109 @@ def _decode_q6_k(row, g):
     return to_f32(ql | (qh << 4)) * scale - np.float32(32) * scale
 
 
+@njit(**HELPER)
+def _high_bits(row, i):
+    """I32x16 of 16 one-bit values, bits 0-15 of the little-endian uint16 at row[i:i+2], as 0 or 16:
+    the fifth bit of Q5_0 / Q5_1 quants."""
+    mask = np.int32(row[i]) | (np.int32(row[i + 1]) << 8)
+    return ((mask >> load_u8(_LANE, 0)) & 1) << 4
+
+
+@njit(**HELPER)
+def _decode_q5_0(row, g):
+    # block of 32 (22 bytes): f16 d, uint32 qh (bit j: the fifth bit of value j), nibbles as Q4_0;
+    # value = d * (q - 16)
+    o = (g >> 1) * 22
+    h = g & 1
+    q = ((load_u8(row, o + 6) >> (h * 4)) & 15) | _high_bits(row, o + 2 + 2 * h)
+    d = load_f16(row, o)
+    return to_f32(q) * d - np.float32(16) * d
+
+
+@njit(**HELPER)
+def _decode_q5_1(row, g):
+    # block of 32 (24 bytes): f16 d, f16 m, uint32 qh, nibbles as Q4_0; value = d * q + m
+    o = (g >> 1) * 24
+    h = g & 1
+    q = ((load_u8(row, o + 8) >> (h * 4)) & 15) | _high_bits(row, o + 4 + 2 * h)
+    return to_f32(q) * load_f16(row, o) + load_f16(row, o + 2)
+
+
+@njit(**HELPER)
+def _scale_min_k4(row, s, j):
+    """(scale, min) 6-bit codes of sub-block j < 8 of a Q4_K / Q5_K super-block whose 12 scale bytes
+    start at row[s] (ggml's get_scale_min_k4)."""
+    if j < 4:
+        return np.int32(row[s + j] & 63), np.int32(row[s + j + 4] & 63)
+    return (np.int32((row[s + j + 4] & 15) | ((row[s + j - 4] >> 6) << 4)),
+            np.int32((row[s + j + 4] >> 4) | ((row[s + j] >> 6) << 4)))
+
+
+@njit(**HELPER)
+def _decode_q4_k(row, g):
+    # super-block of 256 (144 bytes): f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8
+    # sub-blocks of 32, qs[128]; sub-block j takes the low (j even) or high nibbles of qs[32(j >> 1):]+32;
+    # value = d * scale_j * q - dmin * min_j
+    o = (g >> 4) * 144
+    j = (g >> 1) & 7
+    sc, mn = _scale_min_k4(row, o + 4, j)
+    q = (load_u8(row, o + 16 + (j >> 1) * 32 + (g & 1) * 16) >> ((j & 1) * 4)) & 15
+    return to_f32(q) * (load_f16(row, o) * np.float32(sc)) - load_f16(row, o + 2) * np.float32(mn)
+
+
+@njit(**HELPER)
+def _decode_q5_k(row, g):
+    # super-block of 256 (176 bytes): as Q4_K with qh[32] before qs[128]: bit j of qh[l] is the fifth
+    # bit of value l of sub-block j
+    o = (g >> 4) * 176
+    j = (g >> 1) & 7
+    l0 = (g & 1) * 16
+    sc, mn = _scale_min_k4(row, o + 4, j)
+    q = (load_u8(row, o + 48 + (j >> 1) * 32 + l0) >> ((j & 1) * 4)) & 15
+    q = q | (((load_u8(row, o + 16 + l0) >> j) & 1) << 4)
+    return to_f32(q) * (load_f16(row, o) * np.float32(sc)) - load_f16(row, o + 2) * np.float32(mn)
+
+
+@njit(**HELPER)
+def _decode_q2_k(row, g):
+    # super-block of 256 (84 bytes): scales[16] (low nibble the scale, high the min of group g),
+    # qs[64], f16 d, f16 dmin; group g takes bits 2k, 2k+1 (k = (g >> 1) & 3) of 16 bytes of its
+    # half's 32; value = d * scale * q - dmin * min
+    o = (g >> 4) * 84
+    gi = g & 15
+    s = np.int32(row[o + gi])
+    q = (load_u8(row, o + 16 + (gi >> 3) * 32 + (gi & 1) * 16) >> (((gi >> 1) & 3) * 2)) & 3
+    return to_f32(q) * (load_f16(row, o + 80) * np.float32(s & 15)) - load_f16(row, o + 82) * np.float32(s >> 4)
+
+
+@njit(**HELPER)
+def _decode_q3_k(row, g):
+    # super-block of 256 (110 bytes): hmask[32], qs[64] (2-bit quants placed as Q2_K's), 12 bytes of
+    # 6-bit scales (low 4 bits from bytes 0-7, high 2 from bytes 8-11), f16 d; bit g >> 1 of hmask[l]
+    # clear subtracts 4; value = d * (scale - 32) * q
+    o = (g >> 4) * 110
+    gi = g & 15
+    l0 = (gi & 1) * 16
+    low = (row[o + 96 + (gi & 7)] >> ((gi >> 3) * 4)) & 15
+    high = (row[o + 104 + (gi & 3)] >> ((gi >> 2) * 2)) & 3
+    q = (load_u8(row, o + 32 + (gi >> 3) * 32 + l0) >> (((gi >> 1) & 3) * 2)) & 3
+    q = q + (((load_u8(row, o + l0) >> (gi >> 1)) & 1) << 2) - 4
+    return to_f32(q) * (load_f16(row, o + 108) * np.float32(np.int32(low | (high << 4)) - 32))
+
+
 def decode(fmt, row, g):
     """The format table: values [16g, 16g+16) of a row of type fmt, as F32x16.
 
     For kernels only, with fmt a compile-time constant (a Literal[int]): the overload below picks
     that format's decode function while numba types the caller, so that only its code compiles
-    (numba does not prune an if-chain on a literal argument; all seven decoders compiled into each).
+    (numba does not prune an if-chain on a literal argument; every format's decoder compiled into each).
     """
     raise TypeError("decode is called from numba kernels only")
 
 
-_DECODERS = {_Q4_0: _decode_q4_0, _Q4_1: _decode_q4_1, _Q8_0: _decode_q8_0, _Q6_K: _decode_q6_k,
-             _F16: _decode_f16, _BF16: _decode_bf16, _F32: _decode_f32}
+_DECODERS = {_Q4_0: _decode_q4_0, _Q4_1: _decode_q4_1, _Q8_0: _decode_q8_0, _Q5_0: _decode_q5_0,
+             _Q5_1: _decode_q5_1, _Q2_K: _decode_q2_k, _Q3_K: _decode_q3_k, _Q4_K: _decode_q4_k,
+             _Q5_K: _decode_q5_k, _Q6_K: _decode_q6_k, _F16: _decode_f16, _BF16: _decode_bf16, _F32: _decode_f32}
 
 
 @overload(decode, prefer_literal=True, inline="always")
@@ -375,7 +469,7 @@ def matmul(fmt, w, x, out, n_chunks):
 # ---- entry kernels: one cached dispatcher per format --------------------------------------------
 # Each closes over its format (numba types the closure variable as a Literal[int] and keys its
 # disk cache on it), so a first run compiles only the formats its model holds. A run-time format
-# argument would compile every format's loops into every kernel: 7 times the work.
+# argument would compile every format's loops into every kernel: 13 times the work.
 
 @functools.cache
 def matvec_for(fmt: int):
