@@ -3,10 +3,10 @@
 import argparse
 import sys
 
-from hybridinfer.commands import bench, perplexity, profile, run
+from hybridinfer.commands import bench, convert, perplexity, profile, run
 from hybridinfer.errors import EXIT_INTERRUPTED, HybridInferError
 
-COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench, "profile": profile}
+COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench, "profile": profile, "convert": convert}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -98,17 +98,21 @@ class ExactSparseFFN(DenseFFN):
 
 class PredictedFFN(DenseFFN):
     """The predictor picks the neurons; gate and up over those rows only, down over the neurons whose
-    activation is non-zero. Decoding reads copies made at load: gate and up rows interleaved (one
-    gather reads each neuron's two rows in one piece) and ffn_down neuron-major; a decode step is two
-    kernel calls, the predictor's and the FFN's over its set."""
+    activation is non-zero. Decoding reads gate and up rows interleaved (one gather reads each neuron's
+    two rows in one piece) and ffn_down neuron-major: copies made at load, or a converted file's own
+    tensors; a decode step is two kernel calls, the predictor's and the FFN's over its set."""
 
     def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
                  stats: SparsityStats | None = None):
         super().__init__(args, n_batch)
         self.predictor, self.stats = predictor, stats
         self.predictor_s = 0.0  # time in the predictor, measured with --stats only
-        self.gate_up: list[Matrix] = [interleaved_rows(blk.ffn_gate, blk.ffn_up) for blk in blocks]
-        self.down_t: list[Matrix] = [neuron_major(blk.ffn_down) for blk in blocks]  # [n_ff, n_embd] each
+        # the file's own copies where it holds them (a converted file), else made here
+        self.gate_up: list[Matrix] = [blk.ffn_gate_up if blk.ffn_gate_up is not None else
+                                      interleaved_rows(blk.ffn_gate, blk.ffn_up) for blk in blocks]
+        self.down_t: list[Matrix] = [blk.ffn_down_t if blk.ffn_down_t is not None else neuron_major(blk.ffn_down)
+                                     for blk in blocks]  # [n_ff, n_embd] each
+        self.both = np.zeros((n_batch, 2 * args.n_ff), np.float32)  # gate and up of a batch, interleaved
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.idx = np.zeros(args.n_ff, np.int32)
         self.decoded = [0, 0]  # neurons computed, neurons there were: over all decode steps and layers
@@ -162,8 +166,10 @@ class PredictedFFN(DenseFFN):
             self._predict_timed(self.predictor.predict_mask, layer, resid, mask)
         else:
             self.predictor.predict_mask(layer, resid, mask)
-        blk.ffn_gate(xn, gate)
-        blk.ffn_up(xn, up)
+        both = self.both[:T]
+        self.gate_up[layer](xn, both)  # the rows decode gathers, so that a converted file's dense ones stay unmade
+        np.copyto(gate, both[:, 0::2])
+        np.copyto(up, both[:, 1::2])
         if self.stats:
             active = np.empty_like(mask)
             active_mask(self.act, gate, active)
@@ -239,10 +245,13 @@ class HybridFFN(PredictedFFN):
             position[hot] = np.arange(len(hot), dtype=np.int32)
             self.position.append(position)
             gate_up, down = self.gate_up[layer], self.down_t[layer]
-            rows = np.stack([2 * hot, 2 * hot + 1], axis=1).reshape(-1)  # the interleaved pairs, hottest first
-            side.load(Matrix(gate_up.qtype, np.ascontiguousarray(gate_up.data[rows]), gate_up.n_in, 2 * len(hot)),
-                      Matrix(down.qtype, np.ascontiguousarray(down.data[hot]), down.n_in, len(hot)),
-                      self.kind, self.act.threshold)
+            if np.array_equal(hot, np.arange(len(hot))):  # a converted file stored hottest first: its first rows
+                hot_rows, hot_down = gate_up.data[:2 * len(hot)], down.data[:len(hot)]
+            else:  # the interleaved pairs, hottest first
+                hot_rows = gate_up.data[np.stack([2 * hot, 2 * hot + 1], axis=1).reshape(-1)]
+                hot_down = down.data[hot]
+            side.load(Matrix(gate_up.qtype, hot_rows, gate_up.n_in, 2 * len(hot)),
+                      Matrix(down.qtype, hot_down, down.n_in, len(hot)), self.kind, self.act.threshold)
 
     def _decode(self, layer: int, idx: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         position = self.position[layer][idx]

@@ -17,6 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from hybridinfer.errors import HybridInferError
 
 GGUF_MAGIC = b"GGUF"
+POWERINFER_MAGIC = b"PWRI"  # PowerInfer's sparse GGUF: the same layout under its own magic
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 
@@ -107,15 +108,19 @@ def _map_whole(fileno: int) -> mmap.mmap:
 
 
 class GGUFFile:
-    """An open GGUF file: ``metadata`` (key -> value) and ``tensors`` (name -> TensorInfo)."""
+    """An open GGUF file: ``metadata`` (key -> value) and ``tensors`` (name -> TensorInfo); ``powerinfer``
+    says whether it came under PowerInfer's magic."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise HybridInferError(f"model file '{self.path}' not found")
         with open(self.path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise HybridInferError(f"'{self.path}' is not a GGUF file (its first bytes are not 'GGUF')")
+            magic = f.read(4)
+            if magic not in (GGUF_MAGIC, POWERINFER_MAGIC):
+                raise HybridInferError(f"'{self.path}' is not a GGUF file (its first bytes are not 'GGUF', nor "
+                                       f"PowerInfer's 'PWRI')")
+            self.powerinfer = magic == POWERINFER_MAGIC
             self._map = _map_whole(f.fileno())
         cur = _Cursor(self._map, self.path)
         cur.pos = 4

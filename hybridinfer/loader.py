@@ -1,5 +1,6 @@
 """ModelArgs from GGUF metadata and the weights under their GGUF names, with the few fix-ups in one place."""
 
+import json
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -191,6 +192,20 @@ class Matrix:
         kernels.get_rows(self.qtype, self.data, ids, out)
 
 
+class _Derived(Matrix):
+    """A matrix the file does not hold, made on first use from one it does: a sparse GGUF's dense
+    ffn_gate, ffn_up and ffn_down (for --sparse off and exact; predicted decoding never makes them)."""
+
+    def __init__(self, qtype: GGMLQuantizationType, n_in: int, n_out: int, make):
+        self.qtype, self.n_in, self.n_out, self._make = qtype, n_in, n_out, make
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._make is not None:
+            self._data, self._make = self._make(), None
+        return self._data
+
+
 @dataclass
 class Block:
     attn_norm: np.ndarray  # f32 [n_embd]
@@ -202,6 +217,9 @@ class Block:
     ffn_gate: Matrix  # [n_ff, n_embd]
     ffn_up: Matrix  # [n_ff, n_embd]
     ffn_down: Matrix  # [n_embd, n_ff]
+    # the sparse layout where the file holds it (sparse_gguf): predicted decoding reads these in place
+    ffn_gate_up: Matrix | None = None  # [2 * n_ff, n_embd], as interleaved_rows makes it
+    ffn_down_t: Matrix | None = None  # [n_ff, n_embd], as neuron_major makes it
 
 
 @dataclass
@@ -254,10 +272,45 @@ class _TensorLoader:
         return Matrix(GGMLQuantizationType.F32, values.view(np.uint8), n_in, n_out)
 
 
+SOURCE_FINGERPRINT = "hybridinfer.sparse.fingerprint"  # a converted file's: that of the model it came from
+
+
 def model_fingerprint(gguf: GGUFFile, args: ModelArgs) -> Fingerprint:
-    """What a predictor must have been trained for: architecture, sizes, tensor names and shapes."""
-    return fingerprint(gguf.metadata.get("general.architecture", ""), args.n_layer, args.n_embd, args.n_ff,
-                       {name: t.shape for name, t in gguf.tensors.items()})
+    """What a predictor must have been trained for: architecture, sizes, tensor names and shapes. A
+    sparse GGUF written by hybridinfer convert answers with its source model's (it is that model);
+    the transposed ffn_down of PowerInfer's files counts as the ffn_down it is."""
+    if SOURCE_FINGERPRINT in gguf.metadata:
+        try:
+            fp = Fingerprint.from_dict(json.loads(str(gguf.metadata[SOURCE_FINGERPRINT])), f"'{gguf.path}'")
+        except ValueError as e:  # PredictorError, JSONDecodeError
+            raise HybridInferError(f"'{gguf.path}': metadata {SOURCE_FINGERPRINT} is damaged ({e}): convert the "
+                                   f"model again") from None
+        if (fp.n_layer, fp.n_embd, fp.n_ff) != (args.n_layer, args.n_embd, args.n_ff):
+            raise HybridInferError(f"'{gguf.path}': metadata {SOURCE_FINGERPRINT} describes another model: "
+                                   f"convert the model again")
+        return fp
+    shapes = {}
+    for name, t in gguf.tensors.items():
+        if name.endswith(".ffn_down_t.weight"):
+            name, t = name.replace(".ffn_down_t.", ".ffn_down."), TensorInfo(name, t.qtype, t.shape[::-1], t.data)
+        shapes[name] = t.shape
+    return fingerprint(gguf.metadata.get("general.architecture", ""), args.n_layer, args.n_embd, args.n_ff, shapes)
+
+
+def _sparse_layout(t: "_TensorLoader", i: int, n_embd: int, n_ff: int) -> dict:
+    """Layer i's sparse-layout matrices where the file holds them (a converted file; PowerInfer's holds
+    ffn_down_t), with the dense ones they stand in for derived on first use."""
+    names = {"ffn_gate_up": f"blk.{i}.ffn_gate_up.weight", "ffn_down_t": f"blk.{i}.ffn_down_t.weight"}
+    parts = {}
+    if names["ffn_gate_up"] in t.gguf.tensors:
+        gate_up = parts["ffn_gate_up"] = t.matrix(names["ffn_gate_up"], n_embd, 2 * n_ff)
+        for name, first in (("ffn_gate", 0), ("ffn_up", 1)):
+            parts[name] = _Derived(gate_up.qtype, n_embd, n_ff,
+                                   lambda first=first: np.ascontiguousarray(gate_up.data[first::2]))
+    if names["ffn_down_t"] in t.gguf.tensors:
+        down_t = parts["ffn_down_t"] = t.matrix(names["ffn_down_t"], n_embd, n_ff)
+        parts["ffn_down"] = _Derived(neuron_major_type(down_t), n_ff, n_embd, lambda: neuron_major(down_t).data)
+    return parts
 
 
 def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
@@ -268,9 +321,11 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
               "ffn_gate": (e, ff), "ffn_up": (e, ff), "ffn_down": (ff, e)}
     blocks = []
     for i in range(args.n_layer):
+        sparse = _sparse_layout(t, i, e, ff)
         parts = {f.name: (t.vector(f"blk.{i}.{f.name}.weight", e) if f.name.endswith("norm")
-                          else t.matrix(f"blk.{i}.{f.name}.weight", *shapes[f.name])) for f in fields(Block)}
-        blocks.append(Block(**parts))
+                          else t.matrix(f"blk.{i}.{f.name}.weight", *shapes[f.name]))
+                 for f in fields(Block) if f.name not in sparse and (f.name in shapes or f.name.endswith("norm"))}
+        blocks.append(Block(**parts, **sparse))
     token_embd = t.matrix("token_embd.weight", e, args.n_vocab)
     # The one fix-up llama files need: no output.weight means the output shares the embedding.
     output = t.matrix("output.weight", e, args.n_vocab) if "output.weight" in gguf.tensors else token_embd

@@ -24,18 +24,18 @@ _BLOCK = 32  # values per Q8_0 / Q4_0 block
 class _Layer:
     """One layer's two matrices as kernel operands: (qtype, uint8 blocks [n_out, row_bytes])."""
 
-    def __init__(self, fc1: np.ndarray, fc2: np.ndarray, threshold: float, qtype: GGMLQuantizationType):
-        self.rank = fc1.shape[0]
+    def __init__(self, fc1: tuple, fc2: tuple, threshold: float):
+        self.rank = fc1[1].shape[0]
         self.threshold = np.float32(threshold)
-        self.fc1 = _operand(fc1, qtype)
-        self.fc2 = _operand(fc2, qtype)
+        self.fc1, self.fc2 = fc1, fc2
 
     @property
     def nbytes(self) -> int:
         return self.fc1[1].nbytes + self.fc2[1].nbytes
 
 
-def _operand(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[GGMLQuantizationType, np.ndarray]:
+def operand(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[GGMLQuantizationType, np.ndarray]:
+    """w f16/f32 [n_out, n_in] as the kernel operand a predictor of qtype runs with."""
     # Q8_0 and Q4_0 need rows in whole 32-value blocks; other rows stay F16
     if qtype != F16 and w.shape[1] % _BLOCK == 0:
         blocks = quant.quantize(w.astype(np.float32), qtype)
@@ -47,17 +47,20 @@ def _operand(w: np.ndarray, qtype: GGMLQuantizationType) -> tuple[GGMLQuantizati
 
 
 class PredictorSet:
-    """Every layer's predictor, ready to run. Build with load(), from_weights(), from_arrays() or all_active()."""
+    """Every layer's predictor, ready to run. Build with load(), from_operands(), from_arrays() or all_active()."""
 
     def __init__(self, weights: PredictorWeights, qtype: str = DEFAULT_QTYPE, n_batch: int = 512):
         if qtype not in PREDICTOR_QTYPES:
             raise PredictorError(f"predictor weight type '{qtype}' is not one of {', '.join(PREDICTOR_QTYPES)}")
         weights.validate("predictor")
-        self.weights = weights
         self.qtype = qtype
         self.n_layer, self.n_embd, self.n_ff = weights.n_layer, weights.n_embd, weights.n_ff
-        self.layers = [_Layer(w1, w2, t, PREDICTOR_QTYPES[qtype])
-                       for w1, w2, t in zip(weights.fc1, weights.fc2, weights.thresholds)]
+        q = PREDICTOR_QTYPES[qtype]
+        self._setup([_Layer(operand(w1, q), operand(w2, q), t)
+                     for w1, w2, t in zip(weights.fc1, weights.fc2, weights.thresholds)], n_batch)
+
+    def _setup(self, layers: list[_Layer], n_batch: int) -> None:
+        self.layers = layers
         self._alloc(max(n_batch, 1))
         self._idx = np.empty(self.n_ff, np.int32)
 
@@ -72,6 +75,17 @@ class PredictorSet:
              n_batch: int = 512) -> "PredictorSet":
         """Our directory or a PowerInfer folder, refused (PredictorError) when made for another model."""
         return cls(load(path, expected), qtype, n_batch)
+
+    @classmethod
+    def from_operands(cls, fc1: list[tuple], fc2: list[tuple], thresholds: list[float], n_embd: int,
+                      n_batch: int = 512) -> "PredictorSet":
+        """From kernel operands used as they are (a sparse GGUF's predictor tensors, mapped): per layer
+        (qtype, blocks) of fc1 [r, n_embd] and fc2 [n_ff, r], shapes checked by the caller."""
+        self = cls.__new__(cls)
+        self.qtype = fc2[0][0].name.lower()
+        self.n_layer, self.n_embd, self.n_ff = len(fc1), n_embd, fc2[0][1].shape[0]
+        self._setup([_Layer(w1, w2, t) for w1, w2, t in zip(fc1, fc2, thresholds)], n_batch)
+        return self
 
     @classmethod
     def from_arrays(cls, fc1: list[np.ndarray], fc2: list[np.ndarray], thresholds: list[float],

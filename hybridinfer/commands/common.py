@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numba
 
-from hybridinfer import cuda_side, kernels
+from hybridinfer import cuda_side, kernels, sparse_gguf
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import FFNActivation, ModelArgs, Weights, load_weights, model_fingerprint
@@ -17,6 +17,7 @@ from hybridinfer.ffn import SPARSE_MODES, CPUSide, HybridFFN, make_ffn
 from hybridinfer.model import N_BATCH, RunState, Transformer
 from hybridinfer.placement import Placement, neuron_bytes, place
 from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats, activity
+from hybridinfer.predictors import load as load_predictor
 from hybridinfer.predictors.activity import ActivationStats
 from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
 from hybridinfer.tokenizer import Tokenizer
@@ -138,9 +139,9 @@ class Split:
         return model
 
 
-def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path | None) -> str:
+def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: bool) -> str:
     mode = args.sparse or ("predicted" if predictor else "exact" if act.sparse else "off")
-    if mode == "predicted" and predictor is None:
+    if mode == "predicted" and not predictor:
         raise HybridInferError("--sparse predicted needs a predictor: give --predictor DIR "
                                "(train one with tools/train_predictor.py)")
     if mode != "predicted" and args.predictor:
@@ -151,8 +152,9 @@ def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: Path |
     return mode
 
 
-def _split(args: argparse.Namespace, mode: str, path: Path) -> tuple[str | None, Path | None]:
-    """The fast device and the profile of --vram-budget (None, None without it), checked."""
+def _split(args: argparse.Namespace, mode: str, path: Path, embedded: bool) -> tuple[str | None, Path | None]:
+    """The fast device and the profile of --vram-budget (None, None without it; None for the profile
+    a converted file carries, embedded), checked."""
     budget, device, profile = getattr(args, "vram_budget", None), getattr(args, "device", None), \
         getattr(args, "profile", None)
     if budget is None:
@@ -164,7 +166,7 @@ def _split(args: argparse.Namespace, mode: str, path: Path) -> tuple[str | None,
         raise HybridInferError(f"--vram-budget splits predicted mode's neurons, not --sparse {mode}'s: give a "
                                f"--predictor (or --sparse predicted)")
     profile = profile or (DEFAULT_STATS if path == DEFAULT_MODEL else None)
-    if profile is None:
+    if profile is None and not embedded:
         raise HybridInferError("--vram-budget needs the model's activation statistics: give --profile STATS "
                                "(make them with hybridinfer profile)")
     if device is None:
@@ -229,24 +231,27 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
         print(f"notice: a context of {n_ctx} tokens exceeds the model's training context of "
               f"{margs.n_ctx_train}", file=sys.stderr)
     default_predictor = DEFAULT_PREDICTOR if path == DEFAULT_MODEL and args.sparse in (None, "predicted") else None
-    predictor_dir = args.predictor or default_predictor
-    mode = _sparse_mode(args, margs.ffn_act, predictor_dir)
-    device, profile = _split(args, mode, path)
+    predictor_dir = args.predictor or default_predictor  # else a sparse GGUF's own, if it has one
+    mode = _sparse_mode(args, margs.ffn_act, bool(predictor_dir) or sparse_gguf.has_predictor(gguf))
+    device, profile = _split(args, mode, path, sparse_gguf.profile(gguf, margs) is not None)
     with kernels.compile_notice():  # a first run compiles its kernels here, before any text streams
         weights = load_weights(gguf, margs)
         predictor = None
-        if mode == "predicted":
-            try:
-                predictor = PredictorSet.load(predictor_dir, model_fingerprint(gguf, margs), args.predictor_type)
-            except PredictorError as e:
-                raise HybridInferError(str(e)) from None
+        fp = model_fingerprint(gguf, margs)
+        try:
+            if mode == "predicted" and predictor_dir:
+                predictor = PredictorSet(sparse_gguf.permuted_predictor(load_predictor(predictor_dir, fp), gguf),
+                                         args.predictor_type)
+            elif mode == "predicted":
+                predictor = sparse_gguf.predictor(gguf, margs)
+            if device:
+                counts = sparse_gguf.permuted(activity.load(profile, fp), gguf) if profile else \
+                    sparse_gguf.profile(gguf, margs)
+        except PredictorError as e:
+            raise HybridInferError(str(e)) from None
         sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
         split = None
         if device:
-            try:
-                counts = activity.load(profile, model_fingerprint(gguf, margs))
-            except PredictorError as e:
-                raise HybridInferError(str(e)) from None
             split = Split(device, int(args.vram_budget * 2**30), counts)
             model = split.model(margs, weights, n_ctx, predictor, sparsity)
         else:
