@@ -18,9 +18,11 @@ N_BATCH = 512  # tokens per prefill step, as llama.cpp's default micro-batch
 class RunState:
     """Scratch buffers and KV cache, allocated once; the forward pass takes views of the first T rows."""
 
+    CACHES = ("k_cache", "v_cache")  # f16, as llama.cpp's cache; every other buffer f32
+
     @staticmethod
     def shapes(args: ModelArgs, n_ctx: int, n_batch: int) -> dict[str, tuple[int, ...]]:
-        """Each buffer's name and shape (all f32)."""
+        """Each buffer's name and shape."""
         e, q, kv = args.n_embd, args.n_head * args.head_dim, args.n_head_kv * args.head_dim
         return {
             "x": (n_batch, e),  # residual stream
@@ -39,11 +41,16 @@ class RunState:
 
     @classmethod
     def nbytes(cls, args: ModelArgs, n_ctx: int, n_batch: int) -> int:
-        return 4 * sum(math.prod(shape) for shape in cls.shapes(args, n_ctx, n_batch).values())
+        return sum(cls._dtype(name).itemsize * math.prod(shape)
+                   for name, shape in cls.shapes(args, n_ctx, n_batch).items())
+
+    @classmethod
+    def _dtype(cls, name: str) -> np.dtype:
+        return np.dtype(np.float16 if name in cls.CACHES else np.float32)
 
     def __init__(self, args: ModelArgs, n_ctx: int, n_batch: int):
         for name, shape in self.shapes(args, n_ctx, n_batch).items():
-            setattr(self, name, np.zeros(shape, np.float32))
+            setattr(self, name, np.zeros(shape, self._dtype(name)))
 
 
 class Transformer:
@@ -109,12 +116,13 @@ class Transformer:
         blk.attn_k(xn, k)
         blk.attn_v(xn, v)
         rope(q3, k3, pos, self.cos, self.sin)
-        # the cache holds f16-rounded values, as llama.cpp's f16 cache does: [n_kv, n_ctx, hd]; values
-        # beyond f16's range become inf there too (damaged weights: the sampler reports the NaN logits)
+        # the f16 cache [n_kv, n_ctx, hd], as llama.cpp's: values beyond f16's range become inf there
+        # too (damaged weights: the sampler reports the NaN logits)
         with np.errstate(over="ignore"):
-            s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2).astype(np.float16)
-            s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2).astype(np.float16)
-        attention(q3, s.k_cache[i], s.v_cache[i], pos, att3, s.scores)
+            s.k_cache[i][:, pos:pos + T] = k3.transpose(1, 0, 2)
+            s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2)
+        # the kernel reads the f16 bits (numba has no float16 on the CPU)
+        attention(q3, s.k_cache[i].view(np.uint16), s.v_cache[i].view(np.uint16), pos, att3, s.scores)
         blk.attn_output(att, y)
         x += y
 

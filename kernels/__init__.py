@@ -143,16 +143,20 @@ def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float,
 
 class AttentionDecoder:
     """One layer's attention block for one token, in one kernel call (kernels/decode.py): x[1, n_embd] +=
-    attn_output(attention) of the token at pos, its k and v stored f16-rounded in the layer's cache.
+    attn_output(attention) of the token at pos, its k and v stored in the layer's f16 cache.
 
     Every shape is checked here, once: the weights (qtype, input rounding kind of ops.DOT_ROUNDING, w)
     of q [n_head * hd, n_embd], k and v [n_head_kv * hd, n_embd] and output [n_embd, n_head * hd],
-    norm [n_embd], cos and sin [n_ctx, rope_dim / 2] and the caches [n_head_kv, n_ctx, hd] (float32,
-    C-contiguous, the caches writable).
+    norm [n_embd], cos and sin [n_ctx, rope_dim / 2] (float32) and the caches [n_head_kv, n_ctx, hd]
+    (float16, writable), all C-contiguous.
     A call checks x and pos.
     """
 
     def __init__(self, norm, eps, wq, wk, wv, wo, n_head: int, cos, sin, k_cache, v_cache):
+        for a, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+            if not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.ndim != 3:
+                raise ValueError(f"{name} must be a float16 array (n_head_kv, n_ctx, head_dim), got {_describe(a)}")
+            _contiguous(a, name, writable=True)
         n_kv, n_ctx, hd = k_cache.shape
         n_embd = _weight(wq[0], wq[2])
         for w, name, n_in, n_out in ((wq, "q", n_embd, n_head * hd), (wk, "k", n_embd, n_kv * hd),
@@ -164,9 +168,8 @@ class AttentionDecoder:
             raise ValueError(f"{n_head} heads, {n_kv} kv heads of {hd}, rope tables {cos.shape} and {sin.shape} "
                              f"for a context of {n_ctx} do not fit together")
         _vector(norm, n_embd, "norm", "n_embd")
-        for a, name, written in ((cos, "cos", False), (sin, "sin", False), (k_cache, "k_cache", True),
-                                 (v_cache, "v_cache", True)):
-            _matrix(a.reshape(len(a), -1), len(a), a[0].size, name, "(see AttentionDecoder)", writable=written)
+        for a, name in ((cos, "cos"), (sin, "sin")):
+            _matrix(a, n_ctx, cos.shape[1], name, "(n_ctx, rope_dim / 2)")
         if v_cache.shape != k_cache.shape:
             raise ValueError(f"v_cache {v_cache.shape} differs from k_cache {k_cache.shape}")
         shapes = ((1, n_embd), (1, n_head, hd), (1, n_kv, hd), (1, n_kv, hd), (1, n_head, hd), (n_embd,),
@@ -176,7 +179,8 @@ class AttentionDecoder:
         self._kernel = decode.attention_decode_for(*(int(w[0]) for w in (wq, wk, wv, wo)))
         weights = tuple((int(kind), _readonly(w)) for _, kind, w in (wq, wk, wv, wo))
         self._args = (norm, np.float32(eps), *weights)
-        self._rest = (cos, sin, k_cache, v_cache, scratch)
+        # the kernels read and write the f16 bits (numba has no float16 on the CPU)
+        self._rest = (cos, sin, k_cache.view(np.uint16), v_cache.view(np.uint16), scratch)
 
     def upload_rows(self, start: int, stop: int) -> None:
         """Nothing to do: this decoder reads the caches it was given, where a prefill wrote rows

@@ -194,10 +194,10 @@ class AttentionDecoder:
     GQA attention and the output's input rounding; the output projection and the residual).
 
     Takes the CPU decoder's arguments, checked by it: weights (qtype, rounding kind, uint8 blocks),
-    host norm, cos, sin and the layer's HOST caches [n_head_kv, n_ctx, hd] f32, which a call keeps
-    mirrored (the token's k and v row, f16-rounded as the CPU stores it) so that a CPU prefill can go
-    on from them. The device keeps its own cache as f16 bits (uint16, half the bytes); upload_rows
-    copies host rows written by the CPU to it. Each input is rounded on the device as the CPU rounds
+    host norm, cos, sin and the layer's HOST caches [n_head_kv, n_ctx, hd] f16, which a call keeps
+    mirrored (the token's k and v row, rounded as the CPU rounds them) so that a CPU prefill can go on
+    from them. The device keeps its own cache as f16 bits (uint16); upload_rows copies host rows
+    written by the CPU to it. Each input is rounded on the device as the CPU rounds
     it for that weight type, so results equal the CPU decoder's to float rounding. Weight types
     without a CUDA kernel, and n_embd over MAX_ATTENTION_EMBD, raise ValueError: the caller keeps
     that layer on the CPU.
@@ -213,6 +213,7 @@ class AttentionDecoder:
             raise ValueError(f"n_embd {self.n_embd} does not fit the q/k/v kernel's shared memory "
                              f"(at most {MAX_ATTENTION_EMBD}): keep this layer's attention on the CPU")
         self.k_cache, self.v_cache = k_cache, v_cache
+        self._k_bits, self._v_bits = k_cache.view(np.uint16), v_cache.view(np.uint16)  # as the device's
         self.stream = cuda.stream() if stream is None else stream
         self.weights = tuple(to_device(w[0], w[2]) for w in (wq, wk, wv, wo))
         rounding = tuple(_input_rounding(w[0], w[1]) for w in (wq, wk, wv, wo))
@@ -222,17 +223,17 @@ class AttentionDecoder:
         self.scale = np.float32(1.0 / np.sqrt(self.hd))  # as ops.attention computes it
         # device cache: f16 bits [n_kv, n_ctx, hd] each
         self.k_dev, self.v_dev = (cuda.device_array(k_cache.shape, np.uint16) for _ in range(2))
-        # scratch: x [n_embd]; q|k|v [n_q + 2 n_kvd]; the token's k|v rows f16-rounded [2, n_kv, hd];
+        # scratch: x [n_embd]; q|k|v [n_q + 2 n_kvd]; the token's k|v rows as f16 bits [2, n_kv, hd];
         # scores [n_head, n_ctx]; att and att rounded [n_q]; counter. The rounded inputs of q, k
         # and v live in each q/k/v block's shared memory.
         self.x = cuda.device_array(self.n_embd, np.float32)
         self.qkv = cuda.device_array(n_q + 2 * n_kvd, np.float32)
-        self.kv_row = cuda.device_array((2, self.n_kv, self.hd), np.float32)
+        self.kv_row = cuda.device_array((2, self.n_kv, self.hd), np.uint16)
         self.scores = cuda.device_array((n_head, self.n_ctx), np.float32)
         self.att, self.att_r = (cuda.device_array(n_q, np.float32) for _ in range(2))
         self.counter = cuda.to_device(np.zeros(1, np.int32))
         self.x_host = cuda.pinned_array(self.n_embd, np.float32)
-        self.kv_host = cuda.pinned_array((2, self.n_kv, self.hd), np.float32)
+        self.kv_host = cuda.pinned_array((2, self.n_kv, self.hd), np.uint16)
         self._qkv = _qkv_for(*(int(m.qtype) for m in self.weights[:3]), *rounding[:3])
         self._attend = _attend_for(rounding[3])
         self._output = _attn_output_for(int(self.weights[3].qtype))
@@ -249,11 +250,11 @@ class AttentionDecoder:
                   n_head_kv: int, n_ctx: int, head_dim: int, rope_half: int) -> int:
         """Device bytes of an AttentionDecoder, before allocating it: the four weights' bytes as in the
         file (w.nbytes of each operand), norm, cos and sin [n_ctx, rope_half], k and v caches in f16,
-        and scratch."""
+        and scratch (the token's k and v rows in f16, the rest f32)."""
         n_q, n_kvd = n_head * head_dim, n_head_kv * head_dim
         tables = 4 * n_embd + 2 * 4 * n_ctx * rope_half
         caches = 2 * 2 * n_head_kv * n_ctx * head_dim
-        scratch = 4 * (n_embd + n_q + 2 * n_kvd + 2 * n_kvd + n_head * n_ctx + 2 * n_q + 1)
+        scratch = 4 * (n_embd + n_q + 2 * n_kvd + n_head * n_ctx + 2 * n_q + 1) + 2 * 2 * n_kvd
         return q_bytes + k_bytes + v_bytes + output_bytes + tables + caches + scratch
 
     def __call__(self, x: np.ndarray, pos: int) -> None:
@@ -275,19 +276,17 @@ class AttentionDecoder:
         self.kv_row.copy_to_host(self.kv_host, stream=s)
         s.synchronize()
         x[0] = self.x_host
-        self.k_cache[:, pos] = self.kv_host[0]
-        self.v_cache[:, pos] = self.kv_host[1]
+        self._k_bits[:, pos] = self.kv_host[0]
+        self._v_bits[:, pos] = self.kv_host[1]
 
     def upload_rows(self, start: int, stop: int) -> None:
         """Copy the host caches' rows [start, stop) of every KV head to the device cache (after a CPU
         prefill wrote them); returns when the copies are done."""
         if not 0 <= start <= stop <= self.n_ctx:
             raise ValueError(f"rows [{start}, {stop}) are not a range inside the cache of {self.n_ctx}")
-        for host, dev in ((self.k_cache, self.k_dev), (self.v_cache, self.v_dev)):
+        for host, dev in ((self._k_bits, self.k_dev), (self._v_bits, self.v_dev)):
             for h in range(self.n_kv if stop > start else 0):
-                # the host rows are f16-rounded already: the cast is exact
-                dev[h, start:stop].copy_to_device(host[h, start:stop].astype(np.float16).view(np.uint16),
-                                                  stream=self.stream)
+                dev[h, start:stop].copy_to_device(host[h, start:stop], stream=self.stream)
         self.stream.synchronize()
 
     @staticmethod
@@ -676,8 +675,8 @@ def _attend_for(ro: int):
         """Block b, heads b, b + gridDim.x, ...: RoPE on its q head (in place in qkv), scores of q with
         the cached k rows 0..pos-1 and the token's own k (roped and f16-rounded here: every head of a
         group needs it, and no block waits for another), softmax with the max subtracted, att = the
-        weighted sum of the v rows; the first head of each group writes the token's k and v (f16) to
-        the cache and to kv_row. The last block to finish rounds att into att_r."""
+        weighted sum of the v rows; the first head of each group writes the token's k and v (f16 bits)
+        to the cache and to kv_row. The last block to finish rounds att into att_r."""
         t = cuda.threadIdx.x
         red = cuda.shared.array(THREADS, np.float32)
         is_last = cuda.shared.array(1, np.int32)
@@ -693,10 +692,8 @@ def _attend_for(ro: int):
             if h % (n_head // n_kv) == 0:  # the token's k and v into the cache
                 for d in range(t, hd, THREADS):
                     kd, vd = _roped(qkv, k, d, n_rot, pos, cos, sin), _round_mantissa(qkv[v + d], 10, -13)
-                    kv_row[0, kv, d] = kd
-                    kv_row[1, kv, d] = vd
-                    k_cache[kv, pos, d] = _half_bits(kd)
-                    v_cache[kv, pos, d] = _half_bits(vd)
+                    kv_row[0, kv, d] = k_cache[kv, pos, d] = _half_bits(kd)
+                    kv_row[1, kv, d] = v_cache[kv, pos, d] = _half_bits(vd)
             cuda.syncthreads()
             peak = np.float32(-math.inf)
             for j in range(t, pos + 1, THREADS):

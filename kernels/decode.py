@@ -31,7 +31,7 @@ def _project(fmt, weight, x, rounded, out, n_chunks):
 @njit(inline="always", **HELPER)
 def attention_decode(fmts, x, norm, eps, wq, wk, wv, wo, pos, cos, sin, k_cache, v_cache, scratch, n_chunks):
     """x[1, n_embd] += attn_output(attention(q, k, v)) of the token at position pos, its k and v
-    written (f16-rounded) into k_cache, v_cache [n_head_kv, n_ctx, head_dim] at pos.
+    written into k_cache, v_cache [n_head_kv, n_ctx, head_dim] at pos (uint16: f16 bits).
 
     fmts: the GGML type codes of wq, wk, wv, wo (compile-time constants); norm f32[n_embd]; wq, wk,
     wv, wo: (rounding kind, blocks); cos, sin [n_ctx, rope_dim / 2];

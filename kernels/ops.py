@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from numba import njit, prange
 
 from hybridinfer.kernels.config import HELPER, KERNEL, SERIAL_KERNEL
-from hybridinfer.kernels.simd import LANES, NATIVE_HALF, load_f32, round_half, store_f32
+from hybridinfer.kernels.simd import LANES, NATIVE_HALF, half_to_f32, load_f32, store_half
 
 SILU, RELU, FATRELU = 0, 1, 2
 
@@ -44,8 +44,9 @@ def rope(q, k, pos, cos, sin):
 @njit(**KERNEL)
 def attention(q, k_cache, v_cache, pos, out, scores):
     """Causal grouped-query attention. q[T, n_head, hd] at positions pos..pos+T-1 attends to cache
-    positions 0..its own; k_cache, v_cache [n_kv, n_ctx, hd]; out[T, n_head, hd];
-    scores: scratch [n_head, n_ctx]. One thread per head, the same order whatever the thread count."""
+    positions 0..its own; k_cache, v_cache [n_kv, n_ctx, hd] uint16, the f16 cache's bits
+    (.view(np.uint16)), read exactly as float32; out[T, n_head, hd]; scores: scratch [n_head, n_ctx].
+    One thread per head, the same order whatever the thread count."""
     T, n_head, hd = q.shape
     group = n_head // k_cache.shape[0]
     scale = np.float32(1.0 / np.sqrt(hd))
@@ -58,7 +59,7 @@ def attention(q, k_cache, v_cache, pos, out, scores):
             for j in range(n):
                 acc = np.float32(0.0)
                 for d in range(hd):
-                    acc += q[t, h, d] * k_cache[kv, j, d]
+                    acc += q[t, h, d] * half_to_f32(k_cache[kv, j, d])
                 s[j] = acc * scale
                 peak = max(peak, s[j])
             total = np.float32(0.0)
@@ -70,7 +71,7 @@ def attention(q, k_cache, v_cache, pos, out, scores):
             for j in range(n):
                 w = s[j] / total
                 for d in range(hd):
-                    o[d] += w * v_cache[kv, j, d]
+                    o[d] += w * half_to_f32(v_cache[kv, j, d])
 
 
 @njit(**SERIAL_KERNEL, inline="always")
@@ -185,13 +186,29 @@ def quantize_q8_0(x, offset, xq, xd, xs, bias):
 
 
 @njit(**HELPER)
+def _half_bits(v):
+    """The IEEE half bits of float32 v, as NumPy's astype(np.float16) gives them: nearest, ties to even,
+    magnitudes from 65520 up infinity, NaN a quiet NaN."""
+    if v != v:
+        return np.uint16(0x7E00)
+    sign = 0x8000 if math.copysign(1.0, v) < 0 else 0
+    a = abs(_round_mantissa(v, 10, -13))
+    if a > 65504.0:
+        return np.uint16(sign | 0x7C00)
+    if a < 2.0 ** -14:  # subnormal or zero: a whole number of 2**-24
+        return np.uint16(sign | int(a * 2.0 ** 24))
+    m, e = math.frexp(a)  # a = (1 + mantissa / 1024) * 2**(e - 1)
+    return np.uint16(sign | ((e + 14) << 10) | (int(m * 2048.0) - 1024))
+
+
+@njit(**HELPER)
 def store_half_rounded(src, dst):
-    """dst[n] = src[n] rounded to IEEE half (nearest, ties to even), as float32: what an f16 cache keeps."""
+    """dst[n] uint16 = the IEEE half bits of src[n] f32 (nearest, ties to even): a row of the f16 cache."""
     n = src.shape[0] // LANES * LANES if NATIVE_HALF else 0
     for i in range(0, n, LANES):
-        store_f32(dst, i, round_half(load_f32(src, i)))
+        store_half(dst, i, load_f32(src, i))
     for i in range(n, src.shape[0]):
-        dst[i] = _round_mantissa(src[i], 10, -13)
+        dst[i] = _half_bits(src[i])
 
 
 @njit(**SERIAL_KERNEL)

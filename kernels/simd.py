@@ -110,7 +110,7 @@ def _native_half_conversion() -> bool:
 
 
 _NATIVE_HALF = _native_half_conversion()
-NATIVE_HALF = _NATIVE_HALF  # whether round_half may be used
+NATIVE_HALF = _NATIVE_HALF  # whether store_half may be used
 
 
 def _has_vnni() -> bool:
@@ -247,25 +247,32 @@ def bits_to_f32(typingctx, v):
 
 @intrinsic
 def half_to_f32(typingctx, v):
-    """F32x16 of the IEEE half bit patterns held in the low 16 bits of the I32x16 lanes."""
-    if v != i32x16:
+    """F32x16 of the IEEE half bit patterns held in the low 16 bits of the I32x16 lanes; for a uint16
+    scalar (an element of an f16 cache), the float32 it holds."""
+    if v == i32x16:
+        return f32x16(v), lambda context, builder, sig, args: _half_to_f32(builder, args[0])
+    if v != types.uint16:
         return None
 
     def codegen(context, builder, sig, args):
-        return _half_to_f32(builder, args[0])
-    return f32x16(v), codegen
+        return _half_to_f32(builder, builder.zext(args[0], _I32))
+    return types.float32(v), codegen
 
 
 @intrinsic
-def round_half(typingctx, v):
-    """F32x16 of the lanes rounded to IEEE half (nearest, ties to even) and back: one conversion each
-    way, so only where NATIVE_HALF (elsewhere LLVM would call a library function the JIT may lack)."""
-    if v != f32x16:
+def store_half(typingctx, a, i, v):
+    """a[i:i+16] = the IEEE half bits of v rounded to half (nearest, ties to even) (a: uint16 1-D, i an
+    element index, v: F32x16): one conversion, so only where NATIVE_HALF (elsewhere LLVM would call a
+    library function the JIT may lack)."""
+    if not (_is_array(a, types.uint16) and isinstance(i, types.Integer) and v == f32x16):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.fpext(builder.fptrunc(args[0], ir.VectorType(ir.HalfType(), LANES)), _VF)
-    return f32x16(v), codegen
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        half = builder.fptrunc(args[2], ir.VectorType(ir.HalfType(), LANES))
+        builder.store(half, builder.bitcast(ptr, half.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.none(a, i, v), codegen
 
 
 @intrinsic

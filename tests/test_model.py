@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from hybridinfer.kernels import AttentionDecoder
 from hybridinfer.loader import FFNActivation
-from hybridinfer.model import load_model
+from hybridinfer.model import N_BATCH, RunState, load_model
 from hybridinfer.perplexity import perplexity
 import llama_reference
 from hybridinfer import loader
@@ -89,6 +90,31 @@ def test_attention_decoder_equals_the_composed_steps(tiny_file, rounding):
         results.append((x.copy(), model.s.k_cache[:, :, :12].copy(), model.s.v_cache[:, :, :12].copy()))
     for fused, composed in zip(*results):
         np.testing.assert_allclose(fused, composed, rtol=1e-5, atol=1e-6)
+
+
+def test_kv_cache_is_f16_and_counted_at_two_bytes(tiny_file):
+    """The cache is stored as llama.cpp's, f16; RunState.nbytes (the memory check) is what is allocated."""
+    _, model = load_model(tiny_file, n_ctx=32)
+    assert model.s.k_cache.dtype == model.s.v_cache.dtype == np.float16
+    assert RunState.nbytes(model.args, 32, N_BATCH) == sum(a.nbytes for a in vars(model.s).values())
+
+
+def test_decoder_writes_inf_beyond_f16_range_and_takes_only_f16_caches():
+    """k and v beyond f16's range become inf in the decode kernel's cache write, as in the prefill's
+    NumPy cast; float32 caches are refused."""
+    n_embd, n_head, hd, n_ctx = 32, 2, 16, 4
+    values = np.tile([1e6, -100.5, -1e6, 3e-6], n_head * hd // 4)  # k and v of the token (x and norm all ones)
+    w = np.repeat(values[:, None] / n_embd, n_embd, axis=1).astype(np.float32).view(np.uint8)
+    weight, rope = (Q.F32, ROUND_NONE, w), np.zeros((n_ctx, 0), np.float32)
+    caches = np.zeros((2, 1, n_ctx, n_head * hd), np.float16)  # one KV head of n_head * hd values
+    weights = (weight, weight, weight, (Q.F32, ROUND_NONE, np.zeros((n_embd, n_head * hd), np.float32).view(np.uint8)))
+    decoder = AttentionDecoder(np.ones(n_embd, np.float32), 1e-5, *weights, 1, rope, rope, *caches)
+    decoder(np.ones((1, n_embd), np.float32), 2)
+    for cache in caches:
+        np.testing.assert_array_equal(np.isinf(cache[0, 2]), np.abs(values) > 65520)
+        assert np.isfinite(cache[0, 2]).sum() == len(values) // 2 and not cache[0, [0, 1, 3]].any()
+    with pytest.raises(ValueError, match="k_cache must be a float16 array"):
+        AttentionDecoder(np.ones(n_embd, np.float32), 1e-5, *weights, 1, rope, rope, *caches.astype(np.float32))
 
 
 def test_prefill_in_micro_batches_equals_one_batch(tiny_file, rounding):

@@ -54,10 +54,51 @@ def test_rope(T, n_rot):
 @pytest.mark.parametrize("T, pos", [(1, 0), (1, 9), (5, 3), (16, 0)])
 def test_attention(T, pos):
     n_head, n_kv, hd, n_ctx = 8, 2, 32, 16
-    q, k_cache, v_cache = randn(T, n_head, hd), randn(n_kv, n_ctx, hd), randn(n_kv, n_ctx, hd)
+    q = randn(T, n_head, hd)
+    k_cache, v_cache = randn(n_kv, n_ctx, hd).astype(np.float16), randn(n_kv, n_ctx, hd).astype(np.float16)
+    k_cache[0, 0, :3] = 6e-8, -3e-6, 60000  # subnormals and the largest values read exactly too
     out = np.zeros((T, n_head, hd), np.float32)
-    ops.attention(q, k_cache, v_cache, pos, out, np.zeros((n_head, n_ctx), np.float32))
-    np.testing.assert_allclose(out, attention_reference(q, k_cache, v_cache, pos), atol=1e-5)
+    ops.attention(q, k_cache.view(np.uint16), v_cache.view(np.uint16), pos, out, np.zeros((n_head, n_ctx), np.float32))
+    expected = attention_reference(q, k_cache.astype(np.float32), v_cache.astype(np.float32), pos)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [5, 16, 37])  # the scalar tail alone, whole 16-lane vectors, both
+def test_store_half_rounded_equals_numpy_cast(n):
+    """The decode kernel's cache write gives the bits NumPy's f16 cast (the prefill's write) gives,
+    beyond f16's range (inf), at ties, for subnormals, signed zeros and NaN."""
+    special = np.array([65504, 65519.9, 65520, -1e6, np.inf, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -25,
+                        3 * 2 ** -26, 1e-7, -0.0, -1e-9, np.nan], np.float32)
+    src = (randn(n) * np.exp(3 * randn(n))).astype(np.float32)
+    src[:len(special)] = special[:n]
+    src = np.roll(src, n // 3)  # the special values in the vectors and the tail
+    dst = np.zeros(n, np.uint16)
+    ops.store_half_rounded(src, dst)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(dst, src.astype(np.float16).view(np.uint16))
+
+
+def test_half_bits_equals_numpy_cast():
+    """The scalar write (the tail of a row; whole rows where the CPU has no f16 conversion) on every
+    finite half, the midpoints between neighbours (ties to even) and values just off them."""
+    from numba import njit
+
+    @njit
+    def half_bits(x, out):
+        for i in range(x.shape[0]):
+            out[i] = ops._half_bits(x[i])
+
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float32))  # -0.0 and 0.0 included
+    mid = (finite[:-1] + finite[1:]) / 2  # exact in f32
+    x = np.concatenate([finite, mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf)),
+                        [65520, 1e6, -3.4e38, np.inf, -np.inf]]).astype(np.float32)
+    out = np.zeros(len(x), np.uint16)
+    half_bits(x, out)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+    half_bits(np.array([np.nan], np.float32), out[:1])
+    assert np.isnan(out[:1].view(np.float16)).all()
 
 
 @pytest.mark.parametrize("kind, threshold, act", [
