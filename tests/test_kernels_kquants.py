@@ -2,6 +2,9 @@
 on the gguf package's dequantisation, on rows that are not a multiple of 256 where the format allows
 (Q5_0, Q5_1: multiples of 32), odd row counts, and empty / one / last / all row sets."""
 
+import ctypes
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
@@ -168,3 +171,47 @@ def test_relu_ffn_of_k_quants_skips_inactive_neurons():
     only = np.empty(n_embd, np.float32)
     kernels.sparse_ffn((Q.Q4_K, gate_up), (Q.Q5_K, down_t), RELU, 0.0, active, x, only)
     np.testing.assert_allclose(only, fired, rtol=0, atol=1e-5 * np.abs(fired).max())
+
+
+def _ggml_cpu():
+    """llama.cpp's CPU library from llama-cpp-python, initialised (its f16 tables), or a skip."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="ggml's own dot products come with llama-cpp-python")
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    return lib
+
+
+# ggml's vec_dot for each type, the quantiser of its input (vec_dot_type) and that block's (values, bytes)
+_GGML_DOT = {Q.Q5_0: ("q5_0_q8_0", "q8_0", (32, 34)), Q.Q5_1: ("q5_1_q8_1", "q8_1", (32, 36)),
+             Q.Q2_K: ("q2_K_q8_K", "q8_K", (256, 292)), Q.Q3_K: ("q3_K_q8_K", "q8_K", (256, 292)),
+             Q.Q4_K: ("q4_K_q8_K", "q8_K", (256, 292)), Q.Q5_K: ("q5_K_q8_K", "q8_K", (256, 292)),
+             Q.Q6_K: ("q6_K_q8_K", "q8_K", (256, 292))}
+
+
+@pytest.mark.parametrize("qtype", list(_GGML_DOT), ids=lambda q: q.name)
+def test_dot_products_equal_ggml(qtype):
+    """A model's mat-vec (loader.Matrix: x rounded as the type takes it, then the kernel) equals
+    llama.cpp's own: ggml's quantiser of the input and its vec_dot, called in its library."""
+    lib = _ggml_cpu()
+    dot_name, quant_name, (block, size) = _GGML_DOT[qtype]
+    vec_dot, quantize = getattr(lib, f"ggml_vec_dot_{dot_name}"), getattr(lib, f"quantize_row_{quant_name}")
+    vec_dot.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    n_in = 1536
+    w = weights(qtype, 23, n_in, seed=14)
+    x = np.random.default_rng(15).standard_normal((1, n_in)).astype(np.float32)
+    x[0, ::7] *= 20  # outliers, as in real activations
+    xq = np.zeros(n_in // block * size, np.uint8)
+    quantize(x.ctypes.data, xq.ctypes.data, n_in)
+    s = np.zeros(1, np.float32)
+    ggml = np.empty(23, np.float32)
+    for r in range(23):
+        vec_dot(n_in, s.ctypes.data, 0, w[r].ctypes.data, 0, xq.ctypes.data, 0, 1)
+        ggml[r] = s[0]
+    out = np.empty((1, 23), np.float32)
+    Matrix(qtype, w, n_in, 23)(x, out)
+    scale = np.abs(reference.dequantize(qtype, w)) @ np.abs(x[0])
+    # Q5_1: ggml takes m times the block's input sum rounded to f16 (Q8_1's s), the kernel the exact sum
+    tol = 1e-4 if qtype == Q.Q5_1 else 2e-6
+    assert (np.abs(out[0] - ggml) <= tol * scale).all(), np.abs(out[0] - ggml) / scale
