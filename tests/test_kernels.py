@@ -188,7 +188,7 @@ def test_bad_input_raises_value_error():
         "x too short": lambda: kernels.matvec(Q.Q4_0, w, x[:32], out),
         "x float64": lambda: kernels.matvec(Q.Q4_0, w, x.astype(np.float64), out),
         "out wrong shape": lambda: kernels.matvec(Q.Q4_0, w, x, np.zeros(7, np.float32)),
-        "unsupported type": lambda: kernels.matvec(Q.Q5_0, w, x, out),
+        "unsupported type": lambda: kernels.matvec(Q.TQ2_0, w, x, out),
         "row bytes not whole blocks": lambda: kernels.matvec(Q.Q4_0, w[:, :30].copy(), x, out),
         "w not uint8": lambda: kernels.matvec(Q.Q4_0, w.view(np.int8), x, out),
         "w 1-D": lambda: kernels.matvec(Q.Q4_0, w.reshape(-1), x, out),
