@@ -235,7 +235,7 @@ def _attention_decoder(n_embd=64, n_head=4, n_kv=2, hd=16, n_ctx=8, wo_rows=64):
     def weight(n_out, n_in):
         return Q.F32, 0, np.zeros((n_out, n_in), np.float32).view(np.uint8)
     tables = np.zeros((n_ctx, hd // 2), np.float32)
-    cache = np.zeros((n_kv, n_ctx, hd), np.float32)
+    cache = np.zeros((n_kv, n_ctx, hd), np.float16)
     return kernels.AttentionDecoder(np.ones(n_embd, np.float32), 1e-5, weight(n_head * hd, n_embd),
                                     weight(n_kv * hd, n_embd), weight(n_kv * hd, n_embd), weight(wo_rows, n_head * hd),
                                     n_head, tables, tables, cache, cache.copy())
