@@ -4,7 +4,8 @@ predictors' input), xn[T, n_embd] the ffn_norm output, out[T, n_embd] receives t
 
 Sparse strategies compute only some neurons when decoding (T == 1). For T > 1 (prefill, perplexity)
 they compute every row but zero the neurons they would skip, so their quality is measured on every
-token while the arithmetic stays that of the decode path.
+token with the decode path's weights and sets (predicted mode's down sums run in another grouping:
+float rounding apart).
 """
 
 import contextlib
@@ -159,7 +160,8 @@ class PredictedFFN(DenseFFN):
                            idx, x, out)
 
     def _masked_dense(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
-        """T tokens: every row computed, the unpredicted neurons zeroed, down token by token as in decode."""
+        """T tokens: every row computed, the unpredicted neurons zeroed, down over each token's active
+        neurons through decode's neuron-major rows, each read once for the batch."""
         T = len(xn)
         gate, up, mask = self.gate[:T], self.up[:T], self.mask[:T]
         if self.stats:
@@ -177,9 +179,7 @@ class PredictedFFN(DenseFFN):
         gate[~mask] = 0.0
         activate(self.act, gate, up)
         down = self.down_t[layer]
-        for t in range(T):
-            n = nonzero(gate[t], self.idx)
-            kernels.sparse_axpy(down.qtype, down.data, self.idx[:n], gate[t, self.idx[:n]], out[t])
+        kernels.sparse_axpy_batch(down.qtype, down.data, np.ascontiguousarray(gate.T), out)
 
 
 class CPUSide:

@@ -103,6 +103,19 @@ def sparse_axpy(qtype: GGMLQuantizationType, w: np.ndarray, rows: np.ndarray, co
     sparse.sparse_axpy_for(int(qtype))(_readonly(w), rows, coeffs, out, team())
 
 
+def sparse_axpy_batch(qtype: GGMLQuantizationType, w: np.ndarray, coeffs_t: np.ndarray, out: np.ndarray) -> None:
+    """out[t] f32 = sum_i coeffs_t[i, t] * W[i] for T tokens at once (a batch's down projection over
+    each token's active neurons, each live row of the neuron-major W [n_ff, n_embd] read once);
+    coeffs_t f32 [n_ff, T] (zeros skipped), out f32 [T, n_embd]."""
+    n_embd = _weight(qtype, w)
+    if n_embd % 16:
+        raise ValueError(f"sparse_axpy_batch needs rows of a multiple of 16 values, got {n_embd}")
+    _matrix(out, None, n_embd, "out", "(T, n_embd)", writable=True)
+    _matrix(coeffs_t, w.shape[0], out.shape[0], "coeffs_t", "(n_ff, T)")
+    _no_overlap(out, coeffs_t)
+    sparse.sparse_axpy_batch_for(int(qtype))(_readonly(w), coeffs_t, out, team())
+
+
 def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.ndarray, logits: np.ndarray,
                idx: np.ndarray) -> int:
     """A predictor's decode step in one call: logits[n_ff] = W2 @ relu(W1 @ x), and the indices of the

@@ -139,6 +139,59 @@ def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
                                                 c == n_chunks - 1))
 
 
+@njit(**HELPER)
+def _axpy_batch_pairs(fmt, w, coeffs_t, out, span):
+    """out[t, 32p:32p+32] = sum over rows i of coeffs_t[i, t] * W[i, 32p:32p+32] for every token t and
+    pair of 16-value groups p in span = (lo, hi, last_chunk), with the unpaired last group (float
+    formats) in the last chunk. Rows ascend; a live row's block is decoded once for all its tokens."""
+    lo, hi, last_chunk = span
+    T, n_groups = out.shape[0], out.shape[1] // LANES
+    odd = last_chunk and n_groups & 1
+    first = 2 * lo * w.shape[1] // n_groups  # this span's bytes of a row
+    last = w.shape[1] if odd else 2 * hi * w.shape[1] // n_groups
+    for t in range(T):
+        for g in range(2 * lo, 2 * hi + odd):
+            store_f32(out[t], g * LANES, zeros())
+    live = np.empty(T, np.int64)
+    for i in range(w.shape[0]):
+        n = 0
+        for t in range(T):
+            if coeffs_t[i, t] != 0.0:
+                live[n] = t
+                n += 1
+        if n == 0:
+            continue
+        row = w[i]
+        _prefetch_bytes(w[min(i + 1, w.shape[0] - 1)], first, last)
+        for p in range(lo, hi):
+            q_lo, q_hi, d, m = _scaled_pair(fmt, row, p)
+            g = 2 * p * LANES
+            for j in range(n):
+                t = live[j]
+                c = coeffs_t[i, t]
+                e = d * c
+                store_f32(out[t], g, load_f32(out[t], g) + m * c + q_lo * e)
+                store_f32(out[t], g + LANES, load_f32(out[t], g + LANES) + m * c + q_hi * e)
+        if odd:
+            g = (n_groups - 1) * LANES
+            v = decode(fmt, row, n_groups - 1)
+            for j in range(n):
+                t = live[j]
+                store_f32(out[t], g, load_f32(out[t], g) + v * coeffs_t[i, t])
+
+
+@njit(**SHARED_PARALLEL)
+def sparse_axpy_batch(fmt, w, coeffs_t, out, n_chunks):
+    """out[t] = sum over rows i of coeffs_t[i, t] * W[i] for T tokens at once: a batch's down projection
+    over each token's active neurons, reading each live row of the neuron-major W once rather than once
+    per token. coeffs_t: float32[n_ff, T] (zeros skipped); out: float32[T, n_embd], written. The sums
+    run row by row, ascending: the same terms as sparse_axpy's per token, rounded in another grouping."""
+    n_pairs = out.shape[1] // (2 * LANES)
+    for c in prange(n_chunks):
+        _axpy_batch_pairs(fmt, w, coeffs_t, out, (c * n_pairs // n_chunks, (c + 1) * n_pairs // n_chunks,
+                                                   c == n_chunks - 1))
+
+
 @njit(**SERIAL_KERNEL)
 def select_active(logits, threshold, out):
     """Indices i of logits f32[n] with logits[i] >= threshold, ascending, into out int32[n]; returns the count."""
@@ -206,6 +259,15 @@ def sparse_axpy_for(fmt: int):
     def sparse_axpy_fmt(w, rows, coeffs, out, n_chunks):
         sparse_axpy(fmt, w, rows, coeffs, out, n_chunks)
     return sparse_axpy_fmt
+
+
+@functools.cache
+def sparse_axpy_batch_for(fmt: int):
+    """sparse_axpy_batch(fmt, ...) as a cached kernel of (w, coeffs_t, out, n_chunks)."""
+    @njit(**SERIAL_KERNEL)
+    def sparse_axpy_batch_fmt(w, coeffs_t, out, n_chunks):
+        sparse_axpy_batch(fmt, w, coeffs_t, out, n_chunks)
+    return sparse_axpy_batch_fmt
 
 
 @functools.cache

@@ -53,6 +53,25 @@ def test_sparse_axpy(qtype, which):
     np.testing.assert_allclose(out, coeffs @ dense[rows], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("n_embd", [80, 96])
+def test_sparse_axpy_batch(qtype, n_embd):
+    """A batch's down projection: every token's own active rows (none for one token, all for another)."""
+    if n_embd % 32 and qtype not in (Q.F32, Q.F16, Q.BF16):
+        pytest.skip("quantised rows are whole 32-value blocks")
+    rng = np.random.default_rng(1)
+    w = blocks(qtype, rng.standard_normal((70, n_embd)).astype(np.float32))
+    dense = dequantize(w, qtype).reshape(70, n_embd)
+    coeffs = rng.standard_normal((4, 70)).astype(np.float32)
+    coeffs[0] = 0.0
+    coeffs[2, rng.random(70) < 0.8] = 0.0
+    out = np.full((4, n_embd), np.nan, np.float32)
+    kernels.sparse_axpy_batch(qtype, w, np.ascontiguousarray(coeffs.T), out)
+    np.testing.assert_allclose(out, coeffs @ dense, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="coeffs_t"):
+        kernels.sparse_axpy_batch(qtype, w, coeffs, out)  # [T, n_ff] instead of [n_ff, T]
+
+
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16])
 @pytest.mark.parametrize("n_embd", [16, 80])
 @pytest.mark.parametrize("threads", [1, 2])

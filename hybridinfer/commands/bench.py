@@ -55,9 +55,12 @@ def main(args: argparse.Namespace) -> int:
         engine += f" + hot on {s.split.device}"
     engines = {engine: hybridinfer_tests(s.model, args.n_prompt, args.n_gen)}
     m = s.model
+    baselines = []  # in the table's order
     if args.vs_dense and s.mode != "off":
         engines["hybridinfer dense"] = hybridinfer_tests(_dense(s), args.n_prompt, args.n_gen)
+        baselines.append("hybridinfer dense")
     if args.vs_predicted:
+        baselines.append("hybridinfer predicted")
         cpu = Transformer(m.args, m.w, m.n_ctx, PredictedFFN(m.args, m.n_batch, m.w.blk, m.ffn.predictor))
         engines["hybridinfer predicted"] = hybridinfer_tests(cpu, args.n_prompt, args.n_gen)
     if args.vs_llamacpp:
@@ -68,9 +71,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"llama.cpp: {gpu_layers} of {m.args.n_layer} layers on the GPU (n_gpu_layers, "
                   f"{layer_bytes / 2**20:.1f} MiB each)", file=sys.stderr)
         engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads, gpu_layers)
+        baselines.append("llama.cpp")
     results = run_tests(engines, args.repetitions)
     ours = {r.test: r for r in results if r.engine == engine}
-    baselines = [b for b in ("hybridinfer dense", "hybridinfer predicted", "llama.cpp") if b in engines]
     json_key = {"hybridinfer dense": "ratio_vs_dense", "hybridinfer predicted": "ratio_vs_predicted",
                 "llama.cpp": "ratio_vs_llamacpp"}
     ratios = {b: {r.test: ours[r.test].median / r.median for r in results if r.engine == b} for b in baselines}
