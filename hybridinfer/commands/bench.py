@@ -9,6 +9,7 @@ run, each with a ratio column.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hybridinfer.bench import hybridinfer_tests, llamacpp_tests, run_tests
 from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
@@ -23,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--n-prompt", type=int_at_least(0), default=512, help="prompt tokens (default: 512)")
     parser.add_argument("-n", "--n-gen", type=int_at_least(0), default=128, help="generated tokens (default: 128)")
     parser.add_argument("-r", "--repetitions", type=int_at_least(1), default=5, help="runs per test (default: 5)")
-    parser.add_argument("--vs-llamacpp", action="store_true", help="run llama.cpp on the same file and compare")
+    parser.add_argument("--vs-llamacpp", nargs="?", const=True, metavar="GGUF",
+                        help="run llama.cpp on the same file (or on GGUF: the file a sparse GGUF was converted "
+                             "from, which llama.cpp reads) and compare")
     parser.add_argument("--vs-dense", action="store_true",
                         help="run this engine's dense mode (--sparse off) on the same weights and compare")
     parser.add_argument("--vs-predicted", action="store_true",
@@ -64,13 +67,19 @@ def main(args: argparse.Namespace) -> int:
         cpu = Transformer(m.args, m.w, m.n_ctx, PredictedFFN(m.args, m.n_batch, m.w.blk, m.ffn.predictor))
         engines["hybridinfer predicted"] = hybridinfer_tests(cpu, args.n_prompt, args.n_gen)
     if args.vs_llamacpp:
+        peer = s.gguf.path if args.vs_llamacpp is True else Path(args.vs_llamacpp)
+        if not peer.is_file():
+            raise HybridInferError(f"--vs-llamacpp: model file '{peer}' not found")
+        if peer == s.gguf.path and "blk.0.ffn_gate_up.weight" in s.gguf.tensors:
+            raise HybridInferError(f"llama.cpp cannot read the sparse GGUF '{peer}': give the file it was converted "
+                                   f"from, --vs-llamacpp ORIGINAL.gguf")
         gpu_layers = 0
         if s.split and s.split.device == "cuda":  # the same budget as whole layers, llama.cpp's way to offload
             layer_bytes = sum(t.data.nbytes for name, t in s.gguf.tensors.items() if name.startswith("blk.0."))
             gpu_layers = min(s.split.budget // layer_bytes, m.args.n_layer)
             print(f"llama.cpp: {gpu_layers} of {m.args.n_layer} layers on the GPU (n_gpu_layers, "
                   f"{layer_bytes / 2**20:.1f} MiB each)", file=sys.stderr)
-        engines["llama.cpp"] = llamacpp_tests(s.gguf.path, args.n_prompt, args.n_gen, args.threads, gpu_layers)
+        engines["llama.cpp"] = llamacpp_tests(peer, args.n_prompt, args.n_gen, args.threads, gpu_layers)
         baselines.append("llama.cpp")
     results = run_tests(engines, args.repetitions)
     ours = {r.test: r for r in results if r.engine == engine}
