@@ -53,7 +53,7 @@ fi
 STATS=${MODEL%.gguf}.stats.safetensors
 if [[ ! -f "$STATS" ]]; then
     step "profile it"
-    hybridinfer profile "$MODEL" --data README.md --tokens 256 -c 128 -o "$STATS" > "$OUT/profile.md"
+    python3 -m hybridinfer.cli profile "$MODEL" --data README.md --tokens 256 -c 128 -o "$STATS" > "$OUT/profile.md"
 fi
 BUDGET=$(python3 -c "import os; print(f'{os.path.getsize(\"$MODEL\") / 3 / 2**30:.3f}')")
 EXTRA=()
@@ -63,7 +63,7 @@ else
     echo "gpu_check: no CUDA build of llama-cpp-python here: llama.cpp is left out" >&2
 fi
 step "bench: --vram-budget $BUDGET GiB (a third of the file) on $DEVICE"
-NUMBA_ENABLE_CUDASIM=0 hybridinfer bench "$MODEL" --predictor "$PREDICTOR" --profile "$STATS" \
+NUMBA_ENABLE_CUDASIM=0 python3 -m hybridinfer.cli bench "$MODEL" --predictor "$PREDICTOR" --profile "$STATS" \
     --vram-budget "$BUDGET" --device "$DEVICE" -p 0 -n "$TOKENS" -r "$REPS" --vs-predicted --vs-dense \
     "${EXTRA[@]}" | tee "$OUT/bench.md"
 step "done: $OUT/bench.md"
