@@ -10,7 +10,10 @@ uses, with only that format's decode in its loops.
 
 Q4_0, Q4_1 and Q8_0 weights take their input as ggml does: quantised to 8-bit blocks of 32 (Q8_0,
 Q8_1's sums for Q4_1), once per call, and mat-vecs take integer dot products of weight and input
-bytes per pair of blocks (``dot_row_q8``) where other types decode to floats (``dot_row``).
+bytes per pair of blocks (``dot_row_q8``) where other types decode to floats (``dot_row``). Q4_K,
+Q5_K and Q6_K do the same against Q8_K blocks of 256 (``dot_row_q8k``) when their input comes
+rounded to Q8_K, as callers round it (ops.DOT_ROUNDING): the same quants, exact integer sums per
+super-block, as ggml's vec_dot; an input off that grid is taken as floats, as given.
 
 Callers (kernels/__init__.py) validate shapes, dtypes and contiguity: nothing here checks bounds.
 """
@@ -23,10 +26,10 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
-from .ops import ROUND_Q8_0, quantize_q8_0, round_for_dot
-from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, load_bytes, load_f16,
-                   load_f32, load_i8, load_i32, load_nibbles, load_u8, load_u16, load_u32, store_f32, to_f32,
-                   zeros)
+from .ops import ROUND_Q8_0, quantize_q8_0, quantize_q8_k, round_for_dot
+from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, int_halves, int_zeros,
+                   load_bytes, load_f16, load_f32, load_i8, load_i32, load_nibbles, load_u8, load_u16, load_u32,
+                   nibble_halves, nibbles, spread_i8, store_f32, to_f32, with_high_bits, zeros)
 
 _F32, _F16, _BF16 = int(_T.F32), int(_T.F16), int(_T.BF16)
 _Q8_0, _Q4_0, _Q4_1, _Q6_K = int(_T.Q8_0), int(_T.Q4_0), int(_T.Q4_1), int(_T.Q6_K)
@@ -259,10 +262,24 @@ def integer_dot(fmt):
 
 
 @njit(**HELPER)
+def q8k_dot(fmt):
+    """Whether weights of type fmt take integer dot products with an input on the Q8_K grid (dot_row_q8k)."""
+    return fmt == _Q4_K or fmt == _Q5_K or fmt == _Q6_K
+
+
+@njit(**HELPER)
 def q8_input(fmt, x):
     """x f32[n_in] quantised for dot_row_q8 with weights of type fmt: (xq int8, xd, xs f32 per block,
-    bias int32 per 4 quants; see ops.quantize_q8_0), padded with zeros to a whole pair of blocks.
-    Empty arrays for types that take floats."""
+    bias int32 per 4 quants; see ops.quantize_q8_0), padded with zeros to a whole pair of blocks; for
+    dot_row_q8k, Q8_K blocks (xs the sums of 16 quants; see ops.quantize_q8_k). Empty arrays for
+    types that take floats, and for an input of Q4_K, Q5_K or Q6_K weights that is not on the Q8_K grid."""
+    if q8k_dot(fmt):
+        n = x.shape[0]
+        xq, xd = np.empty(n, np.int8), np.empty(n // 256, np.float32)
+        xs, bias = np.empty(n // 16, np.float32), np.empty(n // 4, np.int32)
+        if quantize_q8_k(x, 32 if fmt == _Q6_K else 0, xq, xd, xs, bias):
+            return xq, xd, xs, bias
+        return np.empty(0, np.int8), np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0, np.int32)
     n_pairs = (x.shape[0] // 32 + 1) // 2 if integer_dot(fmt) else 0
     xq = np.empty(64 * n_pairs, np.int8)
     xd, xs = np.empty(2 * n_pairs, np.float32), np.empty(2 * n_pairs, np.float32)
@@ -307,11 +324,66 @@ def dot_row_q8(fmt, row, xin):
 
 
 @njit(inline="always", **HELPER)
+def dot_row_q8k(fmt, row, xin):
+    """dot(row, x) of one Q4_K, Q5_K or Q6_K weight row with x in Q8_K blocks (q8_input), as ggml's
+    vec_dot: per super-block an exact integer sum of quant products, each sub-block's weighted by its
+    scale, times d_w * d_x; minus dmin_w * d_x * the sum of each sub-block's min times its input sum
+    (Q4_K, Q5_K).
+
+    A super-block is 4 steps of 64 values: one dot_u8_i8 of the unsigned weight quants with the
+    input's, whose lanes (4 products each) are multiplied by their sub-block's scale and summed as
+    integers (at most 2**24 a lane). Q6_K's quants carry 32, which the input's bias subtracts.
+    """
+    xq, xd, xs, bias = xin
+    if fmt == _Q6_K:
+        size = 210
+    elif fmt == _Q5_K:
+        size = 176
+    else:
+        size = 144
+    acc = zeros()
+    m_sum = np.float32(0.0)
+    for b in range(row.shape[0] // size):
+        o, xo = b * size, 256 * b
+        isum = int_zeros()
+        if fmt == _Q6_K:
+            # step c: values 64c to 64c+63, the low nibbles (c even) or high ones of ql[64(c >> 1):][:64],
+            # bits 4(c & 1) (first 32) and 4(c & 1) + 2 (next 32) of qh[32(c >> 1):][:32], scales[4c:4c+4]
+            for c in range(4):
+                h, n = c >> 1, 4 * (c & 1)
+                u = with_high_bits(nibbles(row, o + 64 * h, n), row, o + 128 + 32 * h, n, 2, 3)
+                s = dot_u8_i8(load_i32(bias, 64 * b + 16 * c), u, load_bytes(xq, xo + 64 * c, xo + 64 * c + 32))
+                isum = isum + s * spread_i8(row, o + 192 + 4 * c)
+            acc = acc + to_f32(isum) * (load_f16(row, o + 208) * xd[b])
+        else:
+            # step c: sub-blocks 2c, 2c+1 (the low and high nibbles of qs[32c:32c+32]; Q5_K's fifth
+            # bits 2c and 2c+1 of qh[0:32])
+            mins = np.float32(0.0)
+            for c in range(4):
+                sa, ma = _scale_min_k4(row, o + 4, 2 * c)
+                sb, mb = _scale_min_k4(row, o + 4, 2 * c + 1)
+                if fmt == _Q5_K:
+                    u = with_high_bits(nibble_halves(row, o + 48 + 32 * c), row, o + 16, 2 * c, 1, 1)
+                else:
+                    u = nibble_halves(row, o + 16 + 32 * c)
+                s = dot_u8_i8(int_zeros(), u, load_bytes(xq, xo + 64 * c, xo + 64 * c + 32))
+                isum = isum + s * int_halves(sa, sb)
+                g = 16 * b + 4 * c
+                mins += np.float32(ma) * (xs[g] + xs[g + 1]) + np.float32(mb) * (xs[g + 2] + xs[g + 3])
+            acc = acc + to_f32(isum) * (load_f16(row, o) * xd[b])
+            m_sum += load_f16(row, o + 2) * xd[b] * mins
+    return hsum(acc) - m_sum
+
+
+@njit(inline="always", **HELPER)
 def row_dot(fmt, row, x, xin, wbuf, xbuf):
     """dot(row, x) as every mat-vec of the kernels takes it: integer dot products with xin =
-    q8_input(fmt, x) for Q4_0, Q4_1 and Q8_0, else floats (wbuf, xbuf = tail_buffers(x))."""
+    q8_input(fmt, x) for Q4_0, Q4_1 and Q8_0, and for Q4_K, Q5_K and Q6_K where x is on the Q8_K grid,
+    else floats (wbuf, xbuf = tail_buffers(x))."""
     if integer_dot(fmt):
         return dot_row_q8(fmt, row, xin)
+    if q8k_dot(fmt) and xin[0].shape[0]:
+        return dot_row_q8k(fmt, row, xin)
     return dot_row(fmt, row, x, wbuf, xbuf)
 
 
@@ -420,7 +492,8 @@ def _matmul_chunk(fmt, w, x, out, span):
 
 @njit(**SHARED_PARALLEL)
 def matvec(fmt, w, x, out, n_chunks):
-    """out = W @ x (x quantised first for Q4_0, Q4_1 and Q8_0 weights).
+    """out = W @ x (x quantised first for Q4_0, Q4_1 and Q8_0 weights, and for Q4_K, Q5_K and Q6_K
+    where it is on the Q8_K grid, which loses nothing).
 
     fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous, each
     row n_in values in fmt's blocks; x: float32[n_in] C-contiguous; out: float32[n_out], written;

@@ -185,6 +185,34 @@ def quantize_q8_0(x, offset, xq, xd, xs, bias):
     bias[8 * n_blocks:] = 0
 
 
+
+@njit(**HELPER)
+def quantize_q8_k(x, offset, xq, xd, bsums, bias):
+    """x f32[n] (n a multiple of 256) as ggml's Q8_K blocks, for integer dot products with K-quants,
+    if x is already rounded to them (ROUND_Q8_K, as callers round a K-quant mat-vec's input): xq int8
+    quants, xd f32 block scales, bsums f32 sums of each 16 quants (exact: whole numbers below 2**12),
+    bias int32 = -offset * each 4-quant sum (offset 32 turns Q6_K's unsigned quants back into signed
+    values inside dot_u8_i8). Returns whether x was on that grid: every x * inv within 2**-10 of its
+    whole quant (a rounded x re-quantises to the same quants, its scale within a few ulp; an unrounded
+    one leaves the arrays partly written and is taken as floats)."""
+    for b in range(x.shape[0] // 256):
+        d, inv = _q8_scale(x, 256 * b, 256, False)
+        for i in range(256 * b, 256 * b + 256):
+            t = x[i] * inv
+            q = min(np.float32(127.0), np.rint(t))
+            if abs(t - q) > np.float32(2.0 ** -10):
+                return False
+            xq[i] = np.int32(q)
+        for g in range(16 * b, 16 * b + 16):
+            total = 0
+            for i in range(16 * g, 16 * g + 16):
+                total += np.int32(xq[i])
+            bsums[g] = total
+        for g in range(64 * b, 64 * b + 64):
+            bias[g] = -offset * (np.int32(xq[4 * g]) + xq[4 * g + 1] + xq[4 * g + 2] + xq[4 * g + 3])
+        xd[b] = d
+    return True
+
 @njit(**HELPER)
 def _half_bits(v):
     """The IEEE half bits of float32 v, as NumPy's astype(np.float16) gives them: nearest, ties to even,

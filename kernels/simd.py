@@ -401,6 +401,91 @@ def halves(typingctx, a, b):
     return f32x16(a, b), codegen
 
 
+
+@intrinsic
+def int_halves(typingctx, a, b):
+    """I32x16 whose lanes 0-7 are a and 8-15 are b (integer scalars): the sub-block scales of a U8x64 dot
+    of K-quants with sub-blocks of 32."""
+    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _VI)
+        b = _splat(builder, context.cast(builder, args[1], sig.args[1], types.int32), _VI)
+        return builder.shuffle_vector(a, b, _indices([*range(8), *range(24, 32)]))
+    return i32x16(a, b), codegen
+
+
+@intrinsic
+def int_zeros(typingctx):
+    """I32x16 of zeros."""
+    def codegen(context, builder, sig, args):
+        return _const(_VI, 0)
+    return i32x16(), codegen
+
+
+@intrinsic
+def spread_i8(typingctx, a, i):
+    """I32x16 whose lanes 4k to 4k+3 are the int8 a[i + k], sign-extended, for k < 4 (a: uint8 1-D): the
+    sub-block scales of a U8x64 dot of K-quants with sub-blocks of 16 (Q6_K)."""
+    if not (_is_array(a, types.uint8) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        four = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]), _I8, 4)
+        wide = builder.sext(four, ir.VectorType(_I32, 4))
+        return builder.shuffle_vector(wide, wide, _indices([k // 4 for k in range(LANES)]))
+    return i32x16(a, i), codegen
+
+
+@intrinsic
+def nibble_halves(typingctx, a, i):
+    """U8x64 of the low nibbles of the 32 bytes a[i:i+32], then their high nibbles (a: uint8 1-D): two
+    sub-blocks of 32 Q4_K / Q5_K quants."""
+    if not (_is_array(a, types.uint8) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]), _I8, 32)
+        low = builder.and_(b, _const(b.type, 15))
+        high = builder.lshr(b, _const(b.type, 4))
+        return builder.shuffle_vector(low, high, _indices(range(64)))
+    return u8x64(a, i), codegen
+
+
+@intrinsic
+def nibbles(typingctx, a, i, shift):
+    """U8x64 of (a[i:i+64] >> shift) & 15 (a: uint8 1-D, shift 0 or 4): 64 low 4-bit parts of Q6_K quants."""
+    if not (_is_array(a, types.uint8) and isinstance(i, types.Integer) and isinstance(shift, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = _load(builder, _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]), _I8, 64)
+        s = _splat(builder, builder.trunc(context.cast(builder, args[2], sig.args[2], types.int32), _I8), _VB)
+        return builder.and_(builder.lshr(b, s), _const(_VB, 15))
+    return u8x64(a, i, shift), codegen
+
+
+@intrinsic
+def with_high_bits(typingctx, u, a, i, shift, step, mask):
+    """U8x64 of u | (((a[i + v % 32] >> (shift + step * (v // 32))) & mask) << 4) for byte v (a: uint8
+    1-D; shifts below 8): the high bits of 64 K-quant quants, kept as bit planes of 32 bytes (Q5_K: one
+    bit a sub-block, step 1, mask 1; Q6_K: two bits a quarter, step 2, mask 3)."""
+    if not (u == u8x64 and _is_array(a, types.uint8)
+            and all(isinstance(t, types.Integer) for t in (i, shift, step, mask))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        b = _load(builder, _element_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2]), _I8, 32)
+        s, step, mask = (builder.trunc(context.cast(builder, v, t, types.int32), _I8)
+                         for v, t in zip(args[3:], sig.args[3:]))
+        vty = b.type
+        low = builder.lshr(b, _splat(builder, s, vty))
+        high = builder.lshr(b, _splat(builder, builder.add(s, step), vty))
+        bits = builder.and_(builder.shuffle_vector(low, high, _indices(range(64))), _splat(builder, mask, _VB))
+        return builder.or_(args[0], builder.shl(bits, _const(_VB, 4)))
+    return u8x64(u, a, i, shift, step, mask), codegen
+
 # ---- operators ---------------------------------------------------------------------------------
 
 _FLOAT_OPS = {operator.add: "fadd", operator.sub: "fsub", operator.mul: "fmul"}

@@ -1,6 +1,7 @@
-"""Q5_0, Q5_1 and the K-quants (Q2_K to Q5_K) read in their blocks: every weight kernel against NumPy
+"""Q5_0, Q5_1 and the K-quants (Q2_K to Q6_K) read in their blocks: every weight kernel against NumPy
 on the gguf package's dequantisation, on rows that are not a multiple of 256 where the format allows
-(Q5_0, Q5_1: multiples of 32), odd row counts, and empty / one / last / all row sets."""
+(Q5_0, Q5_1: multiples of 32), odd row counts, and empty / one / last / all row sets; the integer
+dot products of Q4_K, Q5_K and Q6_K with an input on the Q8_K grid against ggml's own."""
 
 import ctypes
 from pathlib import Path
@@ -11,13 +12,18 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from gguf.quants import quantize
 
 from hybridinfer import kernels
-from hybridinfer.kernels import ops, reference
+from numba import njit
+
+from hybridinfer.kernels import cpu, ops, reference
 from hybridinfer.kernels.ops import RELU, SILU
 from hybridinfer.loader import Matrix
 
 TYPES = [Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K]
 # where each format keeps its f16 scales (d, and dmin for the formats with a min) in a block
 _SCALES = {Q.Q2_K: (80, 84), Q.Q3_K: (108, 110), Q.Q4_K: (0, 4), Q.Q5_K: (0, 4), Q.Q6_K: (208, 210)}
+
+
+INTEGER_K = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # integer dot products with an input on the Q8_K grid
 
 
 def weights(qtype: Q, n_out: int, n_in: int, seed: int = 0) -> np.ndarray:
@@ -45,6 +51,13 @@ def assert_dots_close(out, qtype, w, x):
     W = reference.dequantize(qtype, w).astype(np.float64)
     err = np.abs(np.atleast_2d(out) - x @ W.T)
     assert (err <= 1e-5 * (np.abs(x) @ np.abs(W).T) + 1e-30).all()
+
+
+def q8k_rounded(x: np.ndarray) -> np.ndarray:
+    """x[T, n] rounded to Q8_K blocks, as callers round a K-quant mat-vec's input."""
+    out = np.empty_like(x)
+    ops.round_for_dot(ops.ROUND_Q8_K, x, out)
+    return out
 
 
 def row_sets(n):
@@ -173,6 +186,34 @@ def test_relu_ffn_of_k_quants_skips_inactive_neurons():
     np.testing.assert_allclose(only, fired, rtol=0, atol=1e-5 * np.abs(fired).max())
 
 
+@njit
+def _takes_integer_dots(fmt, x):
+    return cpu.q8_input(fmt, x)[0].shape[0] > 0
+
+
+@pytest.mark.parametrize("qtype", INTEGER_K, ids=lambda q: q.name)
+def test_integer_dots_on_the_q8_k_grid(qtype):
+    """An input rounded to Q8_K takes the integer path (one left unrounded takes floats, as given); its
+    mat-vec and gathered dot products are the float dot products with the rounded input, and gather
+    equals matvec bit for bit."""
+    rng = np.random.default_rng(16)
+    for n_out, n_in in [(1, 256), (37, 256), (71, 768)]:
+        w = weights(qtype, n_out, n_in, seed=n_out)
+        x = rng.standard_normal((1, n_in)).astype(np.float32)
+        x[0, ::5] *= 30
+        if n_in > 256:
+            x[0, 256:512] = 0.0  # a block of zeros: scale 0
+        rounded = q8k_rounded(x)
+        assert _takes_integer_dots(int(qtype), rounded[0]) and not _takes_integer_dots(int(qtype), x[0])
+        out = np.full(n_out, np.nan, np.float32)
+        kernels.matvec(qtype, w, rounded[0], out)
+        assert_dots_close(out, qtype, w, rounded)
+        rows = np.array(row_sets(n_out)["some"] or [0], np.int32)
+        gathered = np.full(len(rows), np.nan, np.float32)
+        kernels.gather_matvec(qtype, w, rows, rounded[0], gathered)
+        assert np.array_equal(gathered, out[rows])
+
+
 def _ggml_cpu():
     """llama.cpp's CPU library from llama-cpp-python, initialised (its f16 tables), or a skip."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="ggml's own dot products come with llama-cpp-python")
@@ -188,10 +229,12 @@ _GGML_DOT = {Q.Q5_0: ("q5_0_q8_0", "q8_0", (32, 34)), Q.Q5_1: ("q5_1_q8_1", "q8_
              Q.Q6_K: ("q6_K_q8_K", "q8_K", (256, 292))}
 
 
-@pytest.mark.parametrize("qtype", list(_GGML_DOT), ids=lambda q: q.name)
-def test_dot_products_equal_ggml(qtype):
+@pytest.mark.parametrize("qtype, extreme", [pytest.param(q, False, id=q.name) for q in _GGML_DOT]
+                         + [pytest.param(q, True, id=f"{q.name}-largest") for q in INTEGER_K])
+def test_dot_products_equal_ggml(qtype, extreme):
     """A model's mat-vec (loader.Matrix: x rounded as the type takes it, then the kernel) equals
-    llama.cpp's own: ggml's quantiser of the input and its vec_dot, called in its library."""
+    llama.cpp's own: ggml's quantiser of the input and its vec_dot, called in its library. "largest":
+    every quant and sub-block scale at its largest, the input's quants at +-127, for the integer sums."""
     lib = _ggml_cpu()
     dot_name, quant_name, (block, size) = _GGML_DOT[qtype]
     vec_dot, quantize = getattr(lib, f"ggml_vec_dot_{dot_name}"), getattr(lib, f"quantize_row_{quant_name}")
@@ -202,6 +245,13 @@ def test_dot_products_equal_ggml(qtype):
     w = weights(qtype, 23, n_in, seed=14)
     x = np.random.default_rng(15).standard_normal((1, n_in)).astype(np.float32)
     x[0, ::7] *= 20  # outliers, as in real activations
+    if extreme:
+        lo, hi = _SCALES[qtype]
+        w3 = w.reshape(23, n_in // 256, GGML_QUANT_SIZES[qtype][1])
+        w3[:, :, :lo] = w3[:, :, hi:] = 0xFF
+        if qtype == Q.Q6_K:
+            w3[:, :, 192:208] = 0x80  # int8 scales at -128
+        x = np.where(np.arange(n_in) % 3 == 0, -1.0, 1.0).astype(np.float32)[None]
     xq = np.zeros(n_in // block * size, np.uint8)
     quantize(x.ctypes.data, xq.ctypes.data, n_in)
     s = np.zeros(1, np.float32)
