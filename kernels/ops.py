@@ -200,7 +200,7 @@ def quantize_q8_k(x, offset, xq, xd, bsums, bias):
         for i in range(256 * b, 256 * b + 256):
             t = x[i] * inv
             q = min(np.float32(127.0), np.rint(t))
-            if abs(t - q) > np.float32(2.0 ** -10):
+            if not abs(t - q) <= np.float32(2.0 ** -10):  # NaN too: taken as floats, it stays NaN
                 return False
             xq[i] = np.int32(q)
         for g in range(16 * b, 16 * b + 16):

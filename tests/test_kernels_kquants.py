@@ -205,6 +205,7 @@ def test_integer_dots_on_the_q8_k_grid(qtype):
             x[0, 256:512] = 0.0  # a block of zeros: scale 0
         rounded = q8k_rounded(x)
         assert _takes_integer_dots(int(qtype), rounded[0]) and not _takes_integer_dots(int(qtype), x[0])
+        assert not _takes_integer_dots(int(qtype), np.where(np.arange(n_in) == 3, np.nan, rounded[0]))
         out = np.full(n_out, np.nan, np.float32)
         kernels.matvec(qtype, w, rounded[0], out)
         assert_dots_close(out, qtype, w, rounded)
