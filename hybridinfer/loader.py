@@ -357,9 +357,10 @@ def _blocks(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return quantize(np.ascontiguousarray(values), qtype).view(np.uint8).reshape(values.shape[0], -1)
 
 
-def interleaved_type(gate: Matrix) -> GGMLQuantizationType:
-    """The type of interleaved_rows' copy: gate's if gguf can write it, else Q8_0."""
-    return gate.qtype if gate.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+def interleaved_type(gate: Matrix, up: Matrix) -> GGMLQuantizationType:
+    """The type of interleaved_rows' copy: gate's where up has it too (rows move as they are) or gguf
+    can write it (up re-quantised into it), else Q8_0."""
+    return gate.qtype if gate.qtype == up.qtype or gate.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
 
 
 # 4-bit types re-quantised along the other axis lose too much: one Q4_1 -> Q4_1 pass moves SmolLM2's
@@ -385,7 +386,7 @@ def interleaved_rows(gate: Matrix, up: Matrix) -> Matrix:
     """gate and up as one matrix [2 * n_ff, n_embd], neuron i's gate row at 2i and its up row at 2i + 1,
     so that an active neuron's two rows are one contiguous read in decode's gather. Up is
     re-quantised into the copy's type (interleaved_type) where the two differ."""
-    qtype = interleaved_type(gate)
+    qtype = interleaved_type(gate, up)
     parts = [m.data if m.qtype == qtype else _blocks(_values(m), qtype) for m in (gate, up)]
     return Matrix(qtype, np.stack(parts, axis=1).reshape(2 * gate.n_out, -1), gate.n_in, 2 * gate.n_out)
 

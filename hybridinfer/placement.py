@@ -67,7 +67,7 @@ class Placement:
 def neuron_bytes(blk: Block) -> int:
     """Bytes of one neuron of the block as the split copies it: its gate and up rows in the
     interleaved copy's type and its down column in the neuron-major copy's type."""
-    return 2 * row_bytes(interleaved_type(blk.ffn_gate), blk.ffn_gate.n_in) + \
+    return 2 * row_bytes(interleaved_type(blk.ffn_gate, blk.ffn_up), blk.ffn_gate.n_in) + \
         row_bytes(neuron_major_type(blk.ffn_down), blk.ffn_down.n_out)
 
 

@@ -165,7 +165,7 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
             byte_shape = (*reversed(t.shape[1:]), t.data.shape[1])  # NumPy order, rows of bytes
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), t.data.nbytes, raw_dtype=t.qtype)
         for i, blk in enumerate(blocks):
-            gu_type, down_type = interleaved_type(blk.ffn_gate), neuron_major_type(blk.ffn_down)
+            gu_type, down_type = interleaved_type(blk.ffn_gate, blk.ffn_up), neuron_major_type(blk.ffn_down)
             gu_row, down_row = row_bytes(gu_type, args.n_embd), row_bytes(down_type, args.n_embd)
             writer.add_tensor_info(f"blk.{i}.ffn_gate_up.weight", (2 * args.n_ff, gu_row), np.dtype(np.uint8),
                                    2 * args.n_ff * gu_row, raw_dtype=gu_type)

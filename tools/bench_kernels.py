@@ -22,6 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from hybridinfer import kernels
 from hybridinfer.kernels import cpu
+from hybridinfer.loader import round_input
 
 BIG = (11008, 4096)
 SMALL = [(576, 576), (576, 1536), (1536, 576), (49152, 576)]  # SmolLM2: attn, ffn_down, ffn_up, output
@@ -64,7 +65,8 @@ def bench_matvec(qtype, shape, stream_bytes, repeats, rng):
     first = random_weights(qtype, n_out, n_in, rng)
     n_mats = max(2, -(-stream_bytes // first.nbytes))
     mats = [first] + [random_weights(qtype, n_out, n_in, rng) for _ in range(n_mats - 1)]
-    x = rng.standard_normal(n_in, dtype=np.float32)
+    # rounded as the model rounds a mat-vec's input (K-quants take their integer path on such an x)
+    x = round_input(qtype, rng.standard_normal((1, n_in), dtype=np.float32))[0].copy()
     out = np.empty(n_out, np.float32)
     kernels.matvec(qtype, first, x, out)  # compile or load from cache
     streamed = time_calls(lambda w: kernels.matvec(qtype, w, x, out), mats, repeats)
