@@ -71,7 +71,7 @@ def test_predicted_decode_and_batch_agree_and_count(relu_f32):
 
 
 @pytest.mark.parametrize("gate_type, up_type, expected", [(Q.Q4_0, Q.Q4_0, Q.Q4_0), (Q.Q8_0, Q.F16, Q.Q8_0),
-                                                          (Q.Q6_K, Q.Q6_K, Q.Q8_0)])
+                                                          (Q.Q6_K, Q.Q6_K, Q.Q6_K), (Q.Q6_K, Q.Q8_0, Q.Q8_0)])
 def test_interleaved_gate_up_rows(gate_type, up_type, expected):
     """Decode's gate/up copy: neuron i's gate row at 2i, its up row at 2i + 1, in one type."""
     from gguf import dequantize, quantize
