@@ -8,8 +8,8 @@ Literal[int]): the kernels are generic in fmt, and Python calls the cached dispa
 format (``matvec_for(code)``), so that a run compiles each kernel only for the formats its model
 uses, with only that format's decode in its loops.
 
-Q4_0, Q4_1 and Q8_0 weights take their input as ggml does: quantised to 8-bit blocks of 32 (Q8_0,
-Q8_1's sums for Q4_1), once per call, and mat-vecs take integer dot products of weight and input
+Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights take their input as ggml does: quantised to 8-bit blocks of
+32 (Q8_0, Q8_1's sums for Q4_1 and Q5_1), once per call, and mat-vecs take integer dot products of weight and input
 bytes per pair of blocks (``dot_row_q8``) where other types decode to floats (``dot_row``). Q4_K,
 Q5_K and Q6_K do the same against Q8_K blocks of 256 (``dot_row_q8k``) when their input comes
 rounded to Q8_K, as callers round it (ops.DOT_ROUNDING): the same quants, exact integer sums per
@@ -29,7 +29,7 @@ from .config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
 from .ops import ROUND_Q8_0, quantize_q8_0, quantize_q8_k, round_for_dot
 from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, int_halves, int_zeros,
                    load_bytes, load_f16, load_f32, load_i8, load_i32, load_nibbles, load_u8, load_u16, load_u32,
-                   nibble_halves, nibbles, spread_i8, store_f32, to_f32, with_high_bits, zeros)
+                   nibble_halves, nibbles, spread_i8, store_f32, to_f32, with_fifth_bits, with_high_bits, zeros)
 
 _F32, _F16, _BF16 = int(_T.F32), int(_T.F16), int(_T.BF16)
 _Q8_0, _Q4_0, _Q4_1, _Q6_K = int(_T.Q8_0), int(_T.Q4_0), int(_T.Q4_1), int(_T.Q6_K)
@@ -258,7 +258,7 @@ def tail_buffers(x):
 @njit(**HELPER)
 def integer_dot(fmt):
     """Whether weights of type fmt take integer dot products with a quantised input (dot_row_q8)."""
-    return fmt == _Q4_0 or fmt == _Q4_1 or fmt == _Q8_0
+    return fmt == _Q4_0 or fmt == _Q4_1 or fmt == _Q5_0 or fmt == _Q5_1 or fmt == _Q8_0
 
 
 @njit(**HELPER)
@@ -285,25 +285,31 @@ def q8_input(fmt, x):
     xd, xs = np.empty(2 * n_pairs, np.float32), np.empty(2 * n_pairs, np.float32)
     bias = np.empty(16 * n_pairs, np.int32)
     if n_pairs:
-        quantize_q8_0(x, 8 if fmt == _Q4_0 else 128 if fmt == _Q8_0 else 0, xq, xd, xs, bias)
+        offset = 8 if fmt == _Q4_0 else 16 if fmt == _Q5_0 else 128 if fmt == _Q8_0 else 0
+        quantize_q8_0(x, offset, xq, xd, xs, bias)
     return xq, xd, xs, bias
 
 
 @njit(inline="always", **HELPER)
 def dot_row_q8(fmt, row, xin):
-    """dot(row, x) of one Q4_0, Q4_1 or Q8_0 weight row with x quantised by q8_input, as ggml's
-    vec_dot: per block an exact integer sum of byte products times d_w * d_x (plus m_w * s_x for Q4_1).
+    """dot(row, x) of one Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 weight row with x quantised by q8_input, as
+    ggml's vec_dot: per block an exact integer sum of byte products times d_w * d_x (plus m_w * s_x
+    for Q4_1 and Q5_1).
 
-    Two blocks per step: their 64 weight bytes (Q4 nibbles unsigned, Q8_0 bytes made unsigned by
-    flipping the sign bit) times the 64 input quants in one dot_u8_i8, whose accumulator starts at
-    the input's bias, which subtracts the 8 or 128 the unsigned bytes carry. An odd last block is
-    paired with itself against the input's zero padding.
+    Two blocks per step: their 64 weight bytes (Q4 nibbles unsigned, Q5 nibbles with their fifth bit
+    from qh, Q8_0 bytes made unsigned by flipping the sign bit) times the 64 input quants in one
+    dot_u8_i8, whose accumulator starts at the input's bias, which subtracts the 8, 16 or 128 the
+    unsigned bytes carry. An odd last block is paired with itself against the input's zero padding.
     """
     xq, xd, xs, bias = xin
     if fmt == _Q4_0:
         size = 18
     elif fmt == _Q4_1:
         size = 20
+    elif fmt == _Q5_0:
+        size = 22
+    elif fmt == _Q5_1:
+        size = 24
     else:
         size = 34
     n_blocks = row.shape[0] // size
@@ -315,6 +321,11 @@ def dot_row_q8(fmt, row, xin):
             u = load_nibbles(row, o + 2, p + 2)
         elif fmt == _Q4_1:
             u = load_nibbles(row, o + 4, p + 4)
+            m_sum += load_f16(row, o + 2) * xs[b] + load_f16(row, p + 2) * xs[b + 1]
+        elif fmt == _Q5_0:
+            u = with_fifth_bits(load_nibbles(row, o + 6, p + 6), row, o + 2, p + 2)
+        elif fmt == _Q5_1:
+            u = with_fifth_bits(load_nibbles(row, o + 8, p + 8), row, o + 4, p + 4)
             m_sum += load_f16(row, o + 2) * xs[b] + load_f16(row, p + 2) * xs[b + 1]
         else:
             u = flip_sign(load_bytes(row, o + 2, p + 2))
@@ -378,7 +389,7 @@ def dot_row_q8k(fmt, row, xin):
 @njit(inline="always", **HELPER)
 def row_dot(fmt, row, x, xin, wbuf, xbuf):
     """dot(row, x) as every mat-vec of the kernels takes it: integer dot products with xin =
-    q8_input(fmt, x) for Q4_0, Q4_1 and Q8_0, and for Q4_K, Q5_K and Q6_K where x is on the Q8_K grid,
+    q8_input(fmt, x) for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, and for Q4_K, Q5_K and Q6_K where x is on the Q8_K grid,
     else floats (wbuf, xbuf = tail_buffers(x))."""
     if integer_dot(fmt):
         return dot_row_q8(fmt, row, xin)
@@ -492,7 +503,7 @@ def _matmul_chunk(fmt, w, x, out, span):
 
 @njit(**SHARED_PARALLEL)
 def matvec(fmt, w, x, out, n_chunks):
-    """out = W @ x (x quantised first for Q4_0, Q4_1 and Q8_0 weights, and for Q4_K, Q5_K and Q6_K
+    """out = W @ x (x quantised first for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, and for Q4_K, Q5_K and Q6_K
     where it is on the Q8_K grid, which loses nothing).
 
     fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous, each
@@ -521,7 +532,7 @@ def get_rows(fmt, w, ids, out, n_chunks):
 
 @njit(**PARALLEL)
 def matmul(fmt, w, x, out, n_chunks):
-    """out = x @ W.T (x rounded first to Q8_0 blocks for Q4_0, Q4_1 and Q8_0 weights, as matvec's
+    """out = x @ W.T (x rounded first to Q8_0 blocks for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, as matvec's
     quantised input means).
 
     fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous; x:

@@ -112,7 +112,8 @@ def nonzero(x, idx):
 
 # How ggml rounds a mat-vec's input before its dot products (the weight type's "vec_dot_type"):
 # Q8_0 blocks of 32 (for Q4_0, Q4_1 and Q8_0 weights, whose kernels quantise x themselves; Q8_1 adds
-# only a stored sum), the same blocks rounded by the caller as floats (Q5_0, Q5_1: float kernels),
+# only a stored sum), the same blocks rounded by the caller as floats too (Q5_0, Q5_1: the CPU kernels
+# re-quantise them to the same quants, the GPU's take the floats),
 # Q8_K blocks of 256 (the K-quants), f16 (F16), bf16 (BF16), none (F32). Emulating it keeps greedy
 # tokens equal to llama.cpp's.
 ROUND_NONE, ROUND_Q8_0, ROUND_Q8_K, ROUND_F16, ROUND_BF16, ROUND_Q8_0_VALUES = 0, 1, 2, 3, 4, 5
@@ -164,9 +165,9 @@ def _round_q8_blocks(x, out, block, f16_scale):
 def quantize_q8_0(x, offset, xq, xd, xs, bias):
     """x f32[n] (n a multiple of 32) as ggml's Q8_0 / Q8_1 blocks, for integer dot products:
     xq int8 quants, xd f32 block scales (f16-rounded), xs f32 block sums d * sum(q) (Q8_1's s, kept in
-    f32 where ggml rounds it to f16), bias int32 = -offset * each 4-quant sum (offset 8 or 128 turns the unsigned weight bytes of Q4_0 /
-    flipped Q8_0 back into signed values inside dot_u8_i8). The arrays may be longer than n's blocks
-    (padding to whole pairs of blocks): the rest is zeroed."""
+    f32 where ggml rounds it to f16), bias int32 = -offset * each 4-quant sum (offset 8, 16 or 128 turns
+    the unsigned weight bytes of Q4_0, Q5_0 / flipped Q8_0 back into signed values inside dot_u8_i8).
+    The arrays may be longer than n's blocks (padding to whole pairs of blocks): the rest is zeroed."""
     n_blocks = x.shape[0] // 32
     for b in range(n_blocks):
         d, inv = _q8_scale(x, 32 * b, 32, True)

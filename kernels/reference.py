@@ -1,15 +1,16 @@
 """Plain NumPy references for the weight kernels, with the gguf package as the decoder.
 
 Same arguments as kernels.matvec / matmul / get_rows, but they return the result (float32) and
-dequantise the whole matrix: for tests and checks on small matrices only. For Q4_0, Q4_1 and Q8_0
-weights the input is first quantised as ggml quantises it (``quantize_input``), as the kernels do.
+dequantise the whole matrix: for tests and checks on small matrices only. For Q4_0, Q4_1, Q5_0, Q5_1
+and Q8_0 weights the input is first quantised as ggml quantises it (``quantize_input``), as the kernels do.
 """
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as _gguf_dequantize
 
-INTEGER_DOT = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0})
+INTEGER_DOT = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+                         GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0})
 
 
 def quantize_input(x: np.ndarray) -> np.ndarray:
@@ -34,7 +35,7 @@ def matvec(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray) -> np.ndar
 
 
 def matmul(qtype: GGMLQuantizationType, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """x[T, n_in] @ W.T, summed in float64, x quantised first for Q4_0, Q4_1 and Q8_0: out[T, n_out] float32."""
+    """x[T, n_in] @ W.T, summed in float64, x quantised first for INTEGER_DOT types: out[T, n_out] float32."""
     if qtype in INTEGER_DOT:
         x = quantize_input(x)
     return (x.astype(np.float64) @ dequantize(qtype, w).astype(np.float64).T).astype(np.float32)

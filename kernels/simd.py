@@ -486,6 +486,24 @@ def with_high_bits(typingctx, u, a, i, shift, step, mask):
         return builder.or_(args[0], builder.shl(bits, _const(_VB, 4)))
     return u8x64(u, a, i, shift, step, mask), codegen
 
+@intrinsic
+def with_fifth_bits(typingctx, u, a, i, j):
+    """U8x64 of u | 16 * bit v % 32 of the little-endian uint32 at a[i] (bytes v < 32) or at a[j] (the
+    rest) (a: uint8 1-D): the fifth bits of two Q5_0 / Q5_1 blocks of quants, in value order."""
+    if not (u == u8x64 and _is_array(a, types.uint8)
+            and isinstance(i, types.Integer) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        first = _load(builder, _element_ptr(context, builder, sig.args[1], args[1], args[2], sig.args[2]), _I8, 4)
+        second = _load(builder, _element_ptr(context, builder, sig.args[1], args[1], args[3], sig.args[3]), _I8, 4)
+        # byte v takes the qh byte holding its bit, then tests that bit
+        spread = builder.shuffle_vector(first, second, _indices([v // 32 * 4 + v % 32 // 8 for v in range(64)]))
+        bit = builder.and_(spread, ir.Constant(_VB, [1 << (v % 8) for v in range(64)]))
+        high = builder.select(builder.icmp_unsigned("!=", bit, _const(_VB, 0)), _const(_VB, 16), _const(_VB, 0))
+        return builder.or_(args[0], high)
+    return u8x64(u, a, i, j), codegen
+
 # ---- operators ---------------------------------------------------------------------------------
 
 _FLOAT_OPS = {operator.add: "fadd", operator.sub: "fsub", operator.mul: "fmul"}

@@ -1,7 +1,8 @@
 """Q5_0, Q5_1 and the K-quants (Q2_K to Q6_K) read in their blocks: every weight kernel against NumPy
 on the gguf package's dequantisation, on rows that are not a multiple of 256 where the format allows
 (Q5_0, Q5_1: multiples of 32), odd row counts, and empty / one / last / all row sets; the integer
-dot products of Q4_K, Q5_K and Q6_K with an input on the Q8_K grid against ggml's own."""
+dot products (Q5_0, Q5_1 with the input in Q8_0 blocks; Q4_K, Q5_K and Q6_K with an input on the Q8_K
+grid) against ggml's own."""
 
 import ctypes
 from pathlib import Path
@@ -24,6 +25,7 @@ _SCALES = {Q.Q2_K: (80, 84), Q.Q3_K: (108, 110), Q.Q4_K: (0, 4), Q.Q5_K: (0, 4),
 
 
 INTEGER_K = [Q.Q4_K, Q.Q5_K, Q.Q6_K]  # integer dot products with an input on the Q8_K grid
+_QUANTS_FROM = {Q.Q5_0: 2, Q.Q5_1: 4}  # where the qh bits and nibbles start in a Q5_0 / Q5_1 block
 
 
 def weights(qtype: Q, n_out: int, n_in: int, seed: int = 0) -> np.ndarray:
@@ -46,8 +48,12 @@ def widths(qtype: Q) -> list[int]:
 
 
 def assert_dots_close(out, qtype, w, x):
-    """Each output within 1e-5 of its row's sum of |W[r, i] x[i]| (x as given: the caller rounds it)."""
-    x = np.atleast_2d(x).astype(np.float64)
+    """Each output within 1e-5 of its row's sum of |W[r, i] x[i]| (x as the kernel takes it: quantised to
+    Q8_0 blocks for Q5_0 and Q5_1, as given for the others, whose caller rounds it)."""
+    x = np.atleast_2d(x)
+    if qtype in reference.INTEGER_DOT:
+        x = reference.quantize_input(x)
+    x = x.astype(np.float64)
     W = reference.dequantize(qtype, w).astype(np.float64)
     err = np.abs(np.atleast_2d(out) - x @ W.T)
     assert (err <= 1e-5 * (np.abs(x) @ np.abs(W).T) + 1e-30).all()
@@ -231,7 +237,7 @@ _GGML_DOT = {Q.Q5_0: ("q5_0_q8_0", "q8_0", (32, 34)), Q.Q5_1: ("q5_1_q8_1", "q8_
 
 
 @pytest.mark.parametrize("qtype, extreme", [pytest.param(q, False, id=q.name) for q in _GGML_DOT]
-                         + [pytest.param(q, True, id=f"{q.name}-largest") for q in INTEGER_K])
+                         + [pytest.param(q, True, id=f"{q.name}-largest") for q in [*_QUANTS_FROM, *INTEGER_K]])
 def test_dot_products_equal_ggml(qtype, extreme):
     """A model's mat-vec (loader.Matrix: x rounded as the type takes it, then the kernel) equals
     llama.cpp's own: ggml's quantiser of the input and its vec_dot, called in its library. "largest":
@@ -246,7 +252,12 @@ def test_dot_products_equal_ggml(qtype, extreme):
     w = weights(qtype, 23, n_in, seed=14)
     x = np.random.default_rng(15).standard_normal((1, n_in)).astype(np.float32)
     x[0, ::7] *= 20  # outliers, as in real activations
-    if extreme:
+    if extreme and qtype in _QUANTS_FROM:
+        w3 = w.reshape(23, n_in // 32, GGML_QUANT_SIZES[qtype][1])
+        w3[:, :, _QUANTS_FROM[qtype]:] = 0xFF
+        w3[::2, ::3, _QUANTS_FROM[qtype]:] = 0x00  # quants at 0 too: Q5_0's -16
+        x = np.where(np.arange(n_in) % 3 == 0, -1.0, 1.0).astype(np.float32)[None]
+    elif extreme:
         lo, hi = _SCALES[qtype]
         w3 = w.reshape(23, n_in // 256, GGML_QUANT_SIZES[qtype][1])
         w3[:, :, :lo] = w3[:, :, hi:] = 0xFF
