@@ -97,15 +97,20 @@ class ActivationStats:
                                  f"the file is damaged; profile the model again")
 
     def save(self, path: str | Path) -> None:
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         if self.fingerprint is None or self.tokens is None:
             raise StatsError(f"{path}: cannot save statistics without the model's fingerprint and token count")
         self.validate(str(path))
-        save_file({f"blk.{i}.counts": np.ascontiguousarray(c, np.int64) for i, c in enumerate(self.counts)},
-                  str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                                       "tokens": str(self.tokens),
-                                       "fingerprint": json.dumps(self.fingerprint.as_dict())})
+        try:
+            save_file({f"blk.{i}.counts": np.ascontiguousarray(c, np.int64) for i, c in enumerate(self.counts)},
+                      str(path), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                           "tokens": str(self.tokens),
+                                           "fingerprint": json.dumps(self.fingerprint.as_dict())})
+        except (SafetensorError, OSError) as e:  # safetensors reports a directory or a full disk as its own error
+            raise StatsError(f"cannot write '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                from None
 
 
 def load(path: str | Path, expected: Fingerprint | None = None) -> ActivationStats:

@@ -123,6 +123,10 @@ def test_profile_command_errors(tmp_path, capsys, monkeypatch):
     assert "cannot read text file" in capsys.readouterr().err
     assert cli.main(["profile", "--ffn-act", "silu", "--data", str(tmp_path), "-o", str(tmp_path / "s")]) == 1
     assert "no exact zeros" in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    assert cli.main(["profile", "--data", str(text), "--tokens", "64", "-o", str(tmp_path)]) == 1  # a directory
+    assert capsys.readouterr().err.startswith(f"error: cannot write '{tmp_path}'")
 
 
 def test_shipped_stats_belong_to_the_default_model(tiny):

@@ -48,10 +48,8 @@ def main(args: argparse.Namespace) -> int:
         stats.save(args.output)
         if args.plot is not None:
             plot(stats, args.plot, f"{s.gguf.path.name}: {stats.tokens} tokens profiled")
-    except StatsError as e:
+    except StatsError as e:  # either file unwritable included
         raise HybridInferError(str(e)) from None
-    except OSError as e:
-        raise HybridInferError(f"cannot write '{args.output}': {e.strerror}") from None
     if args.json:
         print(json.dumps({"tokens": stats.tokens, "layers": stats.rows()}))
     else:
