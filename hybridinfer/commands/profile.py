@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.output.is_dir():  # before the work, not after it
+        raise HybridInferError(f"-o '{args.output}' is a directory: give the statistics file's name")
     try:
         if args.plot is not None:
             pyplot()  # matplotlib is there: before the work, not after it
