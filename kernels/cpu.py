@@ -9,11 +9,11 @@ format (``matvec_for(code)``), so that a run compiles each kernel only for the f
 uses, with only that format's decode in its loops.
 
 Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights take their input as ggml does: quantised to 8-bit blocks of
-32 (Q8_0, Q8_1's sums for Q4_1 and Q5_1), once per call, and mat-vecs take integer dot products of weight and input
-bytes per pair of blocks (``dot_row_q8``) where other types decode to floats (``dot_row``). Q4_K,
-Q5_K and Q6_K do the same against Q8_K blocks of 256 (``dot_row_q8k``) when their input comes
-rounded to Q8_K, as callers round it (ops.DOT_ROUNDING): the same quants, exact integer sums per
-super-block, as ggml's vec_dot; an input off that grid is taken as floats, as given.
+32 (Q8_0, Q8_1's sums for Q4_1 and Q5_1), once per call, and mat-vecs take integer dot products of
+weight and input bytes per pair of blocks (``dot_row_q8``) where other types decode to floats
+(``dot_row``). Q4_K, Q5_K and Q6_K do the same against Q8_K blocks of 256 (``dot_row_q8k``) when
+their input comes rounded to Q8_K, as callers round it (ops.DOT_ROUNDING): the same quants, exact
+integer sums per super-block, as ggml's vec_dot; an input off that grid is taken as floats, as given.
 
 Callers (kernels/__init__.py) validate shapes, dtypes and contiguity: nothing here checks bounds.
 """
@@ -389,8 +389,8 @@ def dot_row_q8k(fmt, row, xin):
 @njit(inline="always", **HELPER)
 def row_dot(fmt, row, x, xin, wbuf, xbuf):
     """dot(row, x) as every mat-vec of the kernels takes it: integer dot products with xin =
-    q8_input(fmt, x) for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, and for Q4_K, Q5_K and Q6_K where x is on the Q8_K grid,
-    else floats (wbuf, xbuf = tail_buffers(x))."""
+    q8_input(fmt, x) for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, and for Q4_K, Q5_K and Q6_K where x is on
+    the Q8_K grid, else floats (wbuf, xbuf = tail_buffers(x))."""
     if integer_dot(fmt):
         return dot_row_q8(fmt, row, xin)
     if q8k_dot(fmt) and xin[0].shape[0]:
@@ -503,8 +503,8 @@ def _matmul_chunk(fmt, w, x, out, span):
 
 @njit(**SHARED_PARALLEL)
 def matvec(fmt, w, x, out, n_chunks):
-    """out = W @ x (x quantised first for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, and for Q4_K, Q5_K and Q6_K
-    where it is on the Q8_K grid, which loses nothing).
+    """out = W @ x (x quantised first for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, and for Q4_K, Q5_K
+    and Q6_K where it is on the Q8_K grid, which loses nothing).
 
     fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous, each
     row n_in values in fmt's blocks; x: float32[n_in] C-contiguous; out: float32[n_out], written;
@@ -532,8 +532,8 @@ def get_rows(fmt, w, ids, out, n_chunks):
 
 @njit(**PARALLEL)
 def matmul(fmt, w, x, out, n_chunks):
-    """out = x @ W.T (x rounded first to Q8_0 blocks for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, as matvec's
-    quantised input means).
+    """out = x @ W.T (x rounded first to Q8_0 blocks for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, as
+    matvec's quantised input means).
 
     fmt: GGML type code, a compile-time constant; w: uint8[n_out, row_bytes] C-contiguous; x:
     float32[T, n_in] C-contiguous; out: float32[T, n_out] C-contiguous, written; n_chunks: row
