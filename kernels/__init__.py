@@ -5,10 +5,12 @@ uint8 array of shape (n_out, row_bytes), C-contiguous, holding each output row's
 memory-mapped (F32/F16/BF16 data viewed as uint8). Blocks are decoded where they lie: no call
 copies or dequantises the whole matrix. Any alignment works.
 
-For Q4_0, Q4_1 and Q8_0 weights, matvec, matmul and gather_matvec first quantise x to 8-bit blocks
-of 32 values, as ggml does (its vec_dot_type), and mat-vecs take exact integer dot products of the
-bytes; other types take x as given, rounded by the caller where ggml rounds it (ops.DOT_ROUNDING:
-Q8_0 values for Q5_0 and Q5_1, Q8_K for the K-quants).
+For Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights, matvec, matmul and gather_matvec first quantise x to
+8-bit blocks of 32 values, as ggml does (its vec_dot_type), and mat-vecs take exact integer dot
+products of the bytes (callers round x to Q8_0 values for Q5_0 and Q5_1 as well: ops.DOT_ROUNDING,
+which the GPU side follows; quantising it again gives the same blocks). Q4_K, Q5_K and Q6_K take
+integer dots against Q8_K blocks when x is on that grid, as the callers round it; other types, and
+other inputs, take x as given.
 
 Every function checks shapes, dtypes and contiguity here, since the numba kernels (kernels/cpu.py)
 check no bounds, and raises ValueError on bad input. Results are bit-identical whatever the
