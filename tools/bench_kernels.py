@@ -26,7 +26,11 @@ from hybridinfer.loader import round_input
 
 BIG = (11008, 4096)
 SMALL = [(576, 576), (576, 1536), (1536, 576), (49152, 576)]  # SmolLM2: attn, ffn_down, ffn_up, output
-ORDER = ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "F16", "BF16", "F32"]
+ORDER = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32"]
+Q = GGMLQuantizationType
+# the byte offsets of each type's f16 scale fields in its block (d, then m or dmin where it has one)
+SCALE_FIELDS = {Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q2_K: (80, 82), Q.Q3_K: (108,),
+                Q.Q6_K: (208,)}
 
 
 def random_weights(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -39,13 +43,10 @@ def random_weights(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.r
         return (rng.standard_normal((n_out, n_in), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     block, size = GGML_QUANT_SIZES[qtype]
     w = rng.integers(0, 256, (n_out, n_in // block, size), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.01, (n_out, n_in // block, 2)).astype(np.float16).view(np.uint8)
-    if qtype == GGMLQuantizationType.Q6_K:
-        w[:, :, 208:210] = scales[:, :, 0:2]  # d is the last field
-    elif qtype == GGMLQuantizationType.Q4_1:
-        w[:, :, 0:4] = scales  # d and m
-    else:
-        w[:, :, 0:2] = scales[:, :, 0:2]
+    fields = SCALE_FIELDS.get(qtype, (0,))
+    scales = rng.uniform(0.001, 0.01, (n_out, n_in // block, len(fields))).astype(np.float16).view(np.uint8)
+    for k, offset in enumerate(fields):
+        w[:, :, offset:offset + 2] = scales[:, :, 2 * k:2 * k + 2]
     return w.reshape(n_out, -1)
 
 
