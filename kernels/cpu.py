@@ -27,7 +27,7 @@ from numba.extending import overload
 
 from .config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
 from .ops import ROUND_Q8_0, quantize_q8_0, quantize_q8_k, round_for_dot
-from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, int_halves, int_zeros,
+from .simd import (LANES, bits_to_f32, dot_u8_i8, flip_sign, half_to_f32, halves, hsum, int_zeros,
                    load_bytes, load_f16, load_f32, load_i8, load_i32, load_nibbles, load_u8, load_u16, load_u32,
                    nibble_halves, nibbles, spread_i8, store_f32, to_f32, with_fifth_bits, with_high_bits, zeros)
 
@@ -378,7 +378,7 @@ def dot_row_q8k(fmt, row, xin):
                 else:
                     u = nibble_halves(row, o + 16 + 32 * c)
                 s = dot_u8_i8(int_zeros(), u, load_bytes(xq, xo + 64 * c, xo + 64 * c + 32))
-                isum = isum + s * int_halves(sa, sb)
+                isum = isum + s * halves(sa, sb)
                 g = 16 * b + 4 * c
                 mins += np.float32(ma) * (xs[g] + xs[g + 1]) + np.float32(mb) * (xs[g + 2] + xs[g + 3])
             acc = acc + to_f32(isum) * (load_f16(row, o) * xd[b])

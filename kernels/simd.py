@@ -390,30 +390,20 @@ def load_i32(typingctx, a, i):
 
 @intrinsic
 def halves(typingctx, a, b):
-    """F32x16 whose lanes 0-7 are a and 8-15 are b (float32 scalars): one scale per block of a U8x64 dot."""
-    if not (isinstance(a, types.Float) and isinstance(b, types.Float)):
+    """A vector whose lanes 0-7 are a and 8-15 are b: F32x16 of float scalars (one scale per block of
+    a U8x64 dot), I32x16 of integers (the sub-block scales of K-quants with sub-blocks of 32)."""
+    if isinstance(a, types.Float) and isinstance(b, types.Float):
+        ret, lane, vector = f32x16, types.float32, _VF
+    elif isinstance(a, types.Integer) and isinstance(b, types.Integer):
+        ret, lane, vector = i32x16, types.int32, _VI
+    else:
         return None
 
     def codegen(context, builder, sig, args):
-        a = _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _VF)
-        b = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF)
+        a = _splat(builder, context.cast(builder, args[0], sig.args[0], lane), vector)
+        b = _splat(builder, context.cast(builder, args[1], sig.args[1], lane), vector)
         return builder.shuffle_vector(a, b, _indices([*range(8), *range(24, 32)]))
-    return f32x16(a, b), codegen
-
-
-
-@intrinsic
-def int_halves(typingctx, a, b):
-    """I32x16 whose lanes 0-7 are a and 8-15 are b (integer scalars): the sub-block scales of a U8x64 dot
-    of K-quants with sub-blocks of 32."""
-    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a = _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _VI)
-        b = _splat(builder, context.cast(builder, args[1], sig.args[1], types.int32), _VI)
-        return builder.shuffle_vector(a, b, _indices([*range(8), *range(24, 32)]))
-    return i32x16(a, b), codegen
+    return ret(a, b), codegen
 
 
 @intrinsic
