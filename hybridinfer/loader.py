@@ -292,8 +292,9 @@ def model_fingerprint(gguf: GGUFFile, args: ModelArgs) -> Fingerprint:
     shapes = {}
     for name, t in gguf.tensors.items():
         if name.endswith(".ffn_down_t.weight"):
-            name, t = name.replace(".ffn_down_t.", ".ffn_down."), TensorInfo(name, t.qtype, t.shape[::-1], t.data)
-        shapes[name] = t.shape
+            shapes[name.replace(".ffn_down_t.", ".ffn_down.")] = t.shape[::-1]
+        else:
+            shapes[name] = t.shape
     return fingerprint(gguf.metadata.get("general.architecture", ""), args.n_layer, args.n_embd, args.n_ff, shapes)
 
 

@@ -32,7 +32,7 @@ from hybridinfer.gguf_file import GGUFFile
 from hybridinfer.loader import (SOURCE_FINGERPRINT, ModelArgs, interleaved_rows, load_weights, model_fingerprint,
                                 neuron_major, neuron_major_type, interleaved_type, row_bytes)
 from hybridinfer.predictors import PredictorSet, PredictorWeights
-from hybridinfer.predictors.activity import ActivationStats
+from hybridinfer.predictors.activity import ActivationStats, StatsError
 from hybridinfer.predictors.mlp import PREDICTOR_QTYPES, operand
 
 THRESHOLDS = "hybridinfer.predictor.thresholds"
@@ -44,24 +44,31 @@ PREDICTOR_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuant
 _FFN = ("ffn_gate", "ffn_up", "ffn_down")
 
 
-def permutation(gguf: GGUFFile, layer: int) -> np.ndarray | None:
-    """The source neuron at each place of the layer in a converted file stored hottest first, else None."""
-    t = gguf.tensors.get(f"blk.{layer}.ffn_perm")
-    return None if t is None else t.data.view(np.int32).reshape(-1)
+def _permutations(gguf: GGUFFile, args: ModelArgs) -> list[np.ndarray] | None:
+    """Per layer, the source neuron at each place of a converted file stored hottest first (each
+    checked to be a permutation of the layer's neurons), else None."""
+    if "blk.0.ffn_perm" not in gguf.tensors:
+        return None
+    perms = [_int_tensor(gguf, f"blk.{i}.ffn_perm", np.int32, args.n_ff) for i in range(args.n_layer)]
+    for i, p in enumerate(perms):
+        if not np.array_equal(np.sort(p), np.arange(args.n_ff)):
+            raise HybridInferError(f"'{gguf.path}': blk.{i}.ffn_perm is not a permutation of the layer's "
+                                   f"{args.n_ff} neurons: the file is damaged; convert the model again")
+    return perms
 
 
-def permuted(stats: ActivationStats, gguf: GGUFFile) -> ActivationStats:
+def permuted(stats: ActivationStats, gguf: GGUFFile, args: ModelArgs) -> ActivationStats:
     """Statistics made for the source model, in the converted file's order of neurons."""
-    perms = [permutation(gguf, i) for i in range(stats.n_layer)]
-    if perms[0] is None:
+    perms = _permutations(gguf, args)
+    if perms is None:
         return stats
     return ActivationStats([c[p] for c, p in zip(stats.counts, perms)], stats.tokens, stats.fingerprint, stats.source)
 
 
-def permuted_predictor(weights: PredictorWeights, gguf: GGUFFile) -> PredictorWeights:
+def permuted_predictor(weights: PredictorWeights, gguf: GGUFFile, args: ModelArgs) -> PredictorWeights:
     """A predictor made for the source model, its output rows in the converted file's order."""
-    perms = [permutation(gguf, i) for i in range(weights.n_layer)]
-    if perms[0] is None:
+    perms = _permutations(gguf, args)
+    if perms is None:
         return weights
     return PredictorWeights(weights.fc1, [w[p] for w, p in zip(weights.fc2, perms)], weights.thresholds,
                             weights.fingerprint, weights.info, weights.source)
@@ -75,7 +82,10 @@ def profile(gguf: GGUFFile, args: ModelArgs) -> ActivationStats | None:
     tokens = gguf.metadata.get(PROFILE_TOKENS)
     stats = ActivationStats(counts, tokens if isinstance(tokens, int) and tokens > 0 else None,
                             model_fingerprint(gguf, args))
-    stats.validate(f"'{gguf.path}'", args.n_layer, args.n_ff)
+    try:
+        stats.validate(f"'{gguf.path}'", args.n_layer, args.n_ff)
+    except StatsError as e:  # read with the model, so an error of the model file's
+        raise HybridInferError(str(e)) from None
     return stats
 
 

@@ -178,3 +178,17 @@ def test_powerinfer_gguf_equals_the_plain_file(tmp_path):
     assert model_fingerprint(gguf, model.args) == model_fingerprint(GGUFFile(plain), model.args)
     tokens = TOKENS % 200 + 3
     np.testing.assert_array_equal(logits(model, tokens), logits(model_of(plain, predictor)[1], tokens))
+
+
+def test_damaged_permutation_refused(tmp_path, capsys):
+    """A stored order that is no permutation would misplace another model file's predictor rows."""
+    path = convert(tmp_path, "perm.gguf", "--profile", str(DEFAULT_STATS))
+    gguf = GGUFFile(path)
+    start = gguf.tensors["blk.1.ffn_perm"].data.ctypes.data - np.frombuffer(gguf._map, np.uint8).ctypes.data
+    del gguf
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(np.array([-1], np.int32).tobytes())
+    capsys.readouterr()
+    assert cli.main(["run", "-m", str(path), "-n", "1", "--predictor", str(DEFAULT_PREDICTOR)]) == 1
+    assert "blk.1.ffn_perm is not a permutation" in capsys.readouterr().err

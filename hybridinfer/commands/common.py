@@ -233,20 +233,20 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
     default_predictor = DEFAULT_PREDICTOR if path == DEFAULT_MODEL and args.sparse in (None, "predicted") else None
     predictor_dir = args.predictor or default_predictor  # else a sparse GGUF's own, if it has one
     mode = _sparse_mode(args, margs.ffn_act, bool(predictor_dir) or sparse_gguf.has_predictor(gguf))
-    device, profile = _split(args, mode, path, sparse_gguf.profile(gguf, margs) is not None)
+    embedded_profile = sparse_gguf.profile(gguf, margs)  # a converted file's, if it carries one
+    device, profile = _split(args, mode, path, embedded_profile is not None)
     with kernels.compile_notice():  # a first run compiles its kernels here, before any text streams
         weights = load_weights(gguf, margs)
         predictor = None
         fp = model_fingerprint(gguf, margs)
         try:
             if mode == "predicted" and predictor_dir:
-                predictor = PredictorSet(sparse_gguf.permuted_predictor(load_predictor(predictor_dir, fp), gguf),
-                                         args.predictor_type)
+                trained = sparse_gguf.permuted_predictor(load_predictor(predictor_dir, fp), gguf, margs)
+                predictor = PredictorSet(trained, args.predictor_type)
             elif mode == "predicted":
                 predictor = sparse_gguf.predictor(gguf, margs)
             if device:
-                counts = sparse_gguf.permuted(activity.load(profile, fp), gguf) if profile else \
-                    sparse_gguf.profile(gguf, margs)
+                counts = sparse_gguf.permuted(activity.load(profile, fp), gguf, margs) if profile else embedded_profile
         except PredictorError as e:
             raise HybridInferError(str(e)) from None
         sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
