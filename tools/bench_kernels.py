@@ -5,7 +5,9 @@ For each type: ms per matvec call (median over repeats) and GB/s of weight bytes
 through distinct matrices, --stream-mb in all for the big shape and 128 MB (4x the L3 cache here)
 for the small ones, so they are read from memory as in a real decode step; "hot" repeats one
 matrix (in cache for the small shapes), which shows the per-call overhead. With --prefill, matmul
-(x[T, n_in] @ W.T) too, in GFLOP/s.
+(x[T, n_in] @ W.T) too, in GFLOP/s. First, the machine's read bandwidth measured the same way: a
+streaming sum over 512 MB of float32 on the same threads, the ceiling each type's GB/s is given a
+share of ("of read").
 
     python tools/bench_kernels.py            # 2 threads, every supported type
     python tools/bench_kernels.py -t 1 --types Q4_0,Q8_0 --prefill
@@ -20,8 +22,11 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from numba import njit, prange
+
 from hybridinfer import kernels
 from hybridinfer.kernels import cpu
+from hybridinfer.kernels.simd import hsum, load_f32, zeros
 from hybridinfer.loader import round_input
 
 BIG = (11008, 4096)
@@ -59,6 +64,30 @@ def time_calls(fn, mats, repeats: int) -> float:
             fn(m)
         times.append((time.perf_counter() - t0) / len(mats))
     return float(np.median(times))
+
+
+@njit(parallel=True, fastmath=True)
+def _stream_sum(a, n_chunks):
+    """The sum of a float32[n] (n a multiple of 64), each of n_chunks contiguous chunks summed by one
+    thread in four 16-lane accumulators, so that memory, not the adds, sets the pace."""
+    n = a.shape[0] // 64
+    partial = np.zeros(n_chunks, np.float32)
+    for c in prange(n_chunks):
+        s0, s1, s2, s3 = zeros(), zeros(), zeros(), zeros()
+        for b in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            s0 = s0 + load_f32(a, 64 * b)
+            s1 = s1 + load_f32(a, 64 * b + 16)
+            s2 = s2 + load_f32(a, 64 * b + 32)
+            s3 = s3 + load_f32(a, 64 * b + 48)
+        partial[c] = hsum(s0 + s1 + s2 + s3)
+    return partial.sum()
+
+
+def read_bandwidth(threads: int, repeats: int, rng) -> float:
+    """Bytes per second a streaming sum reads from memory: 512 MB of float32, median of repeats."""
+    a = rng.standard_normal(128 << 20, dtype=np.float32)
+    _stream_sum(a[:1024], threads)  # compile
+    return a.nbytes / time_calls(lambda m: _stream_sum(a, threads), [None], repeats)
 
 
 def bench_matvec(qtype, shape, stream_bytes, repeats, rng):
@@ -108,17 +137,20 @@ def main() -> None:
     kernels.matvec(GGMLQuantizationType.Q4_0, random_weights(GGMLQuantizationType.Q4_0, 4, 32, rng),
                    np.zeros(32, np.float32), np.zeros(4, np.float32))
     print(f"threads {args.threads}; first matvec call (compile or cache load) {time.perf_counter() - t0:.2f} s")
+    bandwidth = read_bandwidth(args.threads, args.repeats, rng)
+    print(f"read bandwidth (streaming sum over 512 MB, {args.threads} threads): {bandwidth / 1e9:.1f} GB/s")
 
     for name in names:
         qtype = GGMLQuantizationType[name]
-        print(f"\n{name}  matvec                      ms/call   GB/s   hot ms/call  (matrices streamed)")
+        print(f"\n{name}  matvec                      ms/call   GB/s  of read   hot ms/call  (matrices streamed)")
         for shape in [BIG] + SMALL:
             if shape[1] % GGML_QUANT_SIZES[qtype][0]:
                 continue  # n_in not a whole number of blocks
             stream_mb = args.stream_mb if shape == BIG else min(args.stream_mb, 128)
             nbytes, n_mats, streamed, hot = bench_matvec(qtype, shape, stream_mb << 20, args.repeats, rng)
             print(f"  {shape[0]:>6} x {shape[1]:<6} {nbytes / 1e6:8.2f} MB {streamed * 1e3:9.3f} "
-                  f"{nbytes / streamed / 1e9:6.2f}   {hot * 1e3:9.3f}      ({n_mats})")
+                  f"{nbytes / streamed / 1e9:6.2f}  {nbytes / streamed / bandwidth:6.0%}   {hot * 1e3:9.3f}"
+                  f"      ({n_mats})")
         if args.prefill:
             for shape, T in [((4096, 4096), 7), ((4096, 4096), 512), ((1536, 576), 512)]:
                 if shape[1] % GGML_QUANT_SIZES[qtype][0] == 0:
