@@ -371,7 +371,7 @@ def prefetch(typingctx, a, i):
         ptr = builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.intp)])
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [data.type, _I32, _I32, _I32]), "llvm.prefetch.p0")
-        builder.call(fn, [ptr, _const(_I32, 0), _const(_I32, 1), _const(_I32, 1)])  # read, to L2 (prefetcht2), data
+        builder.call(fn, [ptr, _const(_I32, 0), _const(_I32, 3), _const(_I32, 1)])  # read, to L1 (prefetcht0), data
         return context.get_dummy_value()
     return types.none(a, i), codegen
 

@@ -10,7 +10,7 @@ from gguf import dequantize, quantize
 from hybridinfer import kernels
 from hybridinfer.kernels import reference
 from hybridinfer.kernels.ops import FATRELU, RELU, SILU
-from hybridinfer.kernels.sparse import select_active
+from hybridinfer.kernels.sparse import JUMP, _balanced_bounds, select_active
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 
@@ -106,6 +106,20 @@ def test_sparse_results_do_not_depend_on_threads():
         results.append((out, dots))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("n_chunks", [1, 2, 3, 7])
+def test_gather_chunks_balance_cost(n_chunks):
+    """A run of consecutive rows then scattered ones: each chunk's cost (a row 1, a jump JUMP more)
+    lies within one scattered row's of an equal share, the chunks covering the rows in order."""
+    rows = np.concatenate([np.arange(100), np.arange(200, 1000, 10)]).astype(np.int32)
+    bounds = _balanced_bounds(rows, n_chunks)
+    assert bounds[0] == 0 and bounds[-1] == len(rows) and np.all(np.diff(bounds) >= 0)
+    jumps = np.concatenate([[True], np.diff(rows) != 1])
+    cost = np.concatenate([[0.0], np.cumsum(1.0 + JUMP * jumps)])
+    shares = np.diff(cost[bounds])
+    assert np.all(np.abs(shares - cost[-1] / n_chunks) <= 1.0 + JUMP)
+    assert len(_balanced_bounds(rows[:0], n_chunks)) == n_chunks + 1
 
 
 @pytest.mark.parametrize("rows, message", [
