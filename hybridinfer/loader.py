@@ -370,11 +370,13 @@ _NEURON_MAJOR = {GGMLQuantizationType.Q4_0: GGMLQuantizationType.Q8_0,
                  GGMLQuantizationType.Q4_1: GGMLQuantizationType.Q8_0}
 
 
-def neuron_major_type(down: Matrix) -> GGMLQuantizationType:
-    """The type of neuron_major's copy: down's if gguf can write it and re-quantising it costs little
-    (Q8_0 for the others), F16 where the new rows (n_ff values) are not whole blocks of that type."""
-    qtype = _NEURON_MAJOR.get(down.qtype, down.qtype) if down.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
-    return GGMLQuantizationType.F16 if down.n_out % GGML_QUANT_SIZES[qtype][0] else qtype
+def neuron_major_type(down: Matrix, wanted: GGMLQuantizationType | None = None) -> GGMLQuantizationType:
+    """The type of neuron_major's copy: wanted (one of REQUANTIZABLE) if given, else down's if gguf can
+    write it and re-quantising it costs little (Q8_0 for the others); F16 where the new rows (n_ff
+    values) are not whole blocks of that type."""
+    if wanted is None:
+        wanted = _NEURON_MAJOR.get(down.qtype, down.qtype) if down.qtype in REQUANTIZABLE else GGMLQuantizationType.Q8_0
+    return GGMLQuantizationType.F16 if down.n_out % GGML_QUANT_SIZES[wanted][0] else wanted
 
 
 def row_bytes(qtype: GGMLQuantizationType, n: int) -> int:
@@ -392,10 +394,10 @@ def interleaved_rows(gate: Matrix, up: Matrix) -> Matrix:
     return Matrix(qtype, np.stack(parts, axis=1).reshape(2 * gate.n_out, -1), gate.n_in, 2 * gate.n_out)
 
 
-def neuron_major(down: Matrix) -> Matrix:
+def neuron_major(down: Matrix, wanted: GGMLQuantizationType | None = None) -> Matrix:
     """ffn_down [n_embd, n_ff] rearranged as [n_ff, n_embd], each neuron's down column one contiguous
     row of blocks, for the sparse axpy. Float types move exactly; quantised types are re-quantised
-    along the new rows (neuron_major_type): a second rounding, whose effect on perplexity the README
-    reports."""
-    qtype = neuron_major_type(down)
+    along the new rows (neuron_major_type(down, wanted)): a second rounding, whose effect on
+    perplexity the README reports."""
+    qtype = neuron_major_type(down, wanted)
     return Matrix(qtype, _blocks(_values(down).T, qtype), down.n_out, down.n_in)

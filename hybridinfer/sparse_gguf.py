@@ -139,15 +139,17 @@ class Summary:
     path: Path
     nbytes: int
     layers: int
+    down: str  # the neuron-major ffn_down's type(s)
     predictor: str | None  # its type, when one was written
     permuted: bool
 
 
 def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_type: str,
-            stats: ActivationStats | None, progress) -> Summary:
+            stats: ActivationStats | None, progress, down_type: GGMLQuantizationType | None = None) -> Summary:
     """Write src's sparse GGUF to out (through a temporary file beside it, renamed at the end, so that no
     partial file is left behind); weights and stats have been checked against the model. progress wraps
-    the per-layer loop (a progress bar)."""
+    the per-layer loop (a progress bar); down_type: the neuron-major ffn_down's type (one of
+    REQUANTIZABLE; default: neuron_major_type's choice)."""
     gguf = GGUFFile(src)
     if "blk.0.ffn_gate_up.weight" in gguf.tensors or "blk.0.ffn_down_t.weight" in gguf.tensors:
         raise HybridInferError(f"'{src}' is already a sparse GGUF: convert the model it came from")
@@ -175,12 +177,12 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
             byte_shape = (*reversed(t.shape[1:]), t.data.shape[1])  # NumPy order, rows of bytes
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), t.data.nbytes, raw_dtype=t.qtype)
         for i, blk in enumerate(blocks):
-            gu_type, down_type = interleaved_type(blk.ffn_gate, blk.ffn_up), neuron_major_type(blk.ffn_down)
-            gu_row, down_row = row_bytes(gu_type, args.n_embd), row_bytes(down_type, args.n_embd)
+            gu_type, dt = interleaved_type(blk.ffn_gate, blk.ffn_up), neuron_major_type(blk.ffn_down, down_type)
+            gu_row, down_row = row_bytes(gu_type, args.n_embd), row_bytes(dt, args.n_embd)
             writer.add_tensor_info(f"blk.{i}.ffn_gate_up.weight", (2 * args.n_ff, gu_row), np.dtype(np.uint8),
                                    2 * args.n_ff * gu_row, raw_dtype=gu_type)
             writer.add_tensor_info(f"blk.{i}.ffn_down_t.weight", (args.n_ff, down_row), np.dtype(np.uint8),
-                                   args.n_ff * down_row, raw_dtype=down_type)
+                                   args.n_ff * down_row, raw_dtype=dt)
             if predictors:
                 for name, (qtype, w) in zip(("fc1", "fc2"), predictors[i]):
                     writer.add_tensor_info(f"blk.{i}.{name}.weight", w.shape, np.dtype(np.uint8), w.nbytes,
@@ -195,7 +197,8 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
             writer.write_tensor_data(gguf.tensors[name].data)
         for i in progress(range(args.n_layer)):
             blk, perm = blocks[i], order[i] if order else None
-            gate_up, down_t = interleaved_rows(blk.ffn_gate, blk.ffn_up).data, neuron_major(blk.ffn_down).data
+            gate_up = interleaved_rows(blk.ffn_gate, blk.ffn_up).data
+            down_t = neuron_major(blk.ffn_down, down_type).data
             if perm is not None:
                 gate_up = gate_up.reshape(args.n_ff, -1)[perm].reshape(2 * args.n_ff, -1)
                 down_t = down_t[perm]
@@ -216,7 +219,8 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
         if isinstance(e, OSError):
             raise HybridInferError(f"cannot write '{out}': {e.strerror or e}") from None
         raise
-    return Summary(out, out.stat().st_size, args.n_layer, None if weights is None else predictor_type,
+    down = "/".join(sorted({neuron_major_type(blk.ffn_down, down_type).name for blk in blocks}))
+    return Summary(out, out.stat().st_size, args.n_layer, down, None if weights is None else predictor_type,
                    order is not None)
 
 

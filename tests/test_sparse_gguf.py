@@ -54,7 +54,7 @@ def plain():
 
 def test_converted_file_maps_its_layout_and_gives_the_same_logits(tmp_path, plain, capsys):
     path = convert(tmp_path, "sparse.gguf")
-    assert "gate/up interleaved, ffn_down neuron-major, predictor (f16)" in capsys.readouterr().err
+    assert "gate/up interleaved, ffn_down neuron-major (Q8_0), predictor (f16)" in capsys.readouterr().err
     gguf, model = model_of(path)
     mapped = np.frombuffer(gguf._map, np.uint8)
     ffn = model.ffn
@@ -64,6 +64,21 @@ def test_converted_file_maps_its_layout_and_gives_the_same_logits(tmp_path, plai
         assert np.shares_memory(ffn.predictor.layers[layer].fc2[1], mapped)
     assert "blk.0.ffn_gate.weight" not in gguf.tensors and "blk.0.ffn_down.weight" not in gguf.tensors
     np.testing.assert_array_equal(logits(model), plain)
+
+
+def test_down_type_chosen(tmp_path, plain, capsys):
+    """--down-type q4_0: ffn_down_t in Q4_0 (a second, 4-bit rounding of the Q8_0 file's ffn_down), the
+    same tokens, logits within 5% of their range; a type it cannot write is refused by argparse."""
+    path = convert(tmp_path, "q4.gguf", "--down-type", "Q4_0")
+    assert "ffn_down neuron-major (Q4_0)" in capsys.readouterr().err
+    gguf, model = model_of(path)
+    assert all(gguf.tensors[f"blk.{i}.ffn_down_t.weight"].qtype == Q.Q4_0 for i in range(model.args.n_layer))
+    got = logits(model)
+    assert (got.argmax(-1) == plain.argmax(-1)).all()
+    assert 0 < np.abs(got - plain).max() < 0.05 * np.abs(plain).max()
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--down-type", "q6_k", "-o", str(tmp_path / "x.gguf")])
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_hottest_first_gives_the_same_tokens(tmp_path, plain):
