@@ -453,12 +453,12 @@ def _dot_rows(fmt, w, x, xin, out, span):
     prefetching the pair after next), other rows and an odd last one alone."""
     lo, hi = span
     wbuf, xbuf = tail_buffers(x)
-    r = lo
+    single = lo  # the first row left for row_dot
     if integer_dot(fmt):
-        for r in range(lo, hi - 1, 2):
+        single = lo + (hi - lo) // 2 * 2
+        for r in range(lo, single, 2):
             out[r], out[r + 1] = dot_rows2_q8(fmt, w[r], w[r + 1], xin, w[min(r + 4, hi - 1)])
-        r = lo + (hi - lo) // 2 * 2
-    for r in range(r, hi):
+    for r in range(single, hi):
         out[r] = row_dot(fmt, w[r], x, xin, wbuf, xbuf, w[min(r + 1, hi - 1)])
 
 

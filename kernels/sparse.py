@@ -24,14 +24,6 @@ JUMP = 2.0  # a scattered row's extra cost in _balanced_bounds, in rows read in 
 
 
 @njit(**HELPER)
-def _prefetch_bytes(row, lo, hi):
-    """Prefetch the cache lines of row[lo:hi]: the next active row while this one is computed, since
-    rows picked out of order defeat the hardware's stream prefetcher."""
-    for i in range(lo, hi, 64):
-        prefetch(row, i)
-
-
-@njit(**HELPER)
 def _gather_dots(fmt, w, rows, x, xin, out, span):
     """out[k] = dot(W[rows[k]], x) for k in span = (lo, hi); xin = q8_input(fmt, x). The row four
     ahead in the list streams into the cache alongside (two neurons ahead in sparse_ffn's gate/up pairs)."""
@@ -76,8 +68,6 @@ def _axpy_pairs(fmt, w, rows, coeffs, out, span):
     lo, hi, last_chunk = span
     n_groups = out.shape[0] // LANES
     odd = last_chunk and n_groups & 1
-    first = 2 * lo * w.shape[1] // n_groups  # this span's bytes of a row
-    last = w.shape[1] if odd else 2 * hi * w.shape[1] // n_groups
     live = np.empty(rows.shape[0], np.int64)
     n = 0
     for k in range(rows.shape[0]):
@@ -173,15 +163,15 @@ def sparse_axpy(fmt, w, rows, coeffs, out, n_chunks):
 def _axpy_batch_pairs(fmt, w, coeffs_t, out, span):
     """out[t, 32p:32p+32] = sum over rows i of coeffs_t[i, t] * W[i, 32p:32p+32] for every token t and
     pair of 16-value groups p in span = (lo, hi, last_chunk), with the unpaired last group (float
-    formats) in the last chunk. Rows ascend; a live row's block is decoded once for all its tokens."""
+    formats) in the last chunk. Rows ascend; a live row's block is decoded once for all its tokens, the
+    next row prefetched a line per step alongside."""
     lo, hi, last_chunk = span
     T, n_groups = out.shape[0], out.shape[1] // LANES
     odd = last_chunk and n_groups & 1
-    first = 2 * lo * w.shape[1] // n_groups  # this span's bytes of a row
-    last = w.shape[1] if odd else 2 * hi * w.shape[1] // n_groups
     for t in range(T):
         for g in range(2 * lo, 2 * hi + odd):
             store_f32(out[t], g * LANES, zeros())
+    pair_bytes = 2 * w.shape[1] // n_groups
     live = np.empty(T, np.int64)
     for i in range(w.shape[0]):
         n = 0
@@ -191,9 +181,9 @@ def _axpy_batch_pairs(fmt, w, coeffs_t, out, span):
                 n += 1
         if n == 0:
             continue
-        row = w[i]
-        _prefetch_bytes(w[min(i + 1, w.shape[0] - 1)], first, last)
+        row, ahead = w[i], w[min(i + 1, w.shape[0] - 1)]
         for p in range(lo, hi):
+            prefetch(ahead, p * pair_bytes)
             q_lo, q_hi, d, m = _scaled_pair(fmt, row, p)
             g = 2 * p * LANES
             for j in range(n):
