@@ -157,6 +157,7 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
     blocks = load_weights(gguf, args).blk
     fp = model_fingerprint(gguf, args)
     order = [np.argsort(-c, kind="stable").astype(np.int32) for c in stats.counts] if stats else None
+    down_types = [neuron_major_type(blk.ffn_down, down_type) for blk in blocks]
     predictors = None
     if weights is not None:
         q = PREDICTOR_QTYPES[predictor_type]
@@ -176,8 +177,8 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
             t = gguf.tensors[name]
             byte_shape = (*reversed(t.shape[1:]), t.data.shape[1])  # NumPy order, rows of bytes
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), t.data.nbytes, raw_dtype=t.qtype)
-        for i, blk in enumerate(blocks):
-            gu_type, dt = interleaved_type(blk.ffn_gate, blk.ffn_up), neuron_major_type(blk.ffn_down, down_type)
+        for i, (blk, dt) in enumerate(zip(blocks, down_types)):
+            gu_type = interleaved_type(blk.ffn_gate, blk.ffn_up)
             gu_row, down_row = row_bytes(gu_type, args.n_embd), row_bytes(dt, args.n_embd)
             writer.add_tensor_info(f"blk.{i}.ffn_gate_up.weight", (2 * args.n_ff, gu_row), np.dtype(np.uint8),
                                    2 * args.n_ff * gu_row, raw_dtype=gu_type)
@@ -198,7 +199,7 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
         for i in progress(range(args.n_layer)):
             blk, perm = blocks[i], order[i] if order else None
             gate_up = interleaved_rows(blk.ffn_gate, blk.ffn_up).data
-            down_t = neuron_major(blk.ffn_down, down_type).data
+            down_t = neuron_major(blk.ffn_down, down_types[i]).data
             if perm is not None:
                 gate_up = gate_up.reshape(args.n_ff, -1)[perm].reshape(2 * args.n_ff, -1)
                 down_t = down_t[perm]
@@ -219,7 +220,7 @@ def convert(src: Path, out: Path, weights: PredictorWeights | None, predictor_ty
         if isinstance(e, OSError):
             raise HybridInferError(f"cannot write '{out}': {e.strerror or e}") from None
         raise
-    down = "/".join(sorted({neuron_major_type(blk.ffn_down, down_type).name for blk in blocks}))
+    down = "/".join(sorted({t.name for t in down_types}))
     return Summary(out, out.stat().st_size, args.n_layer, down, None if weights is None else predictor_type,
                    order is not None)
 
