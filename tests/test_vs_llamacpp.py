@@ -35,20 +35,31 @@ def case(request):
     return ref, path
 
 
+def teacher_forced(ref, logits_of) -> tuple[int, int]:
+    """(agreeing, all) next tokens of llama.cpp's greedy continuations that logits_of (the logits of
+    a sequence of token ids, one row per position) predicts when fed prompt + continuation at once."""
+    agree = total = 0
+    for g in ref["greedy"]:
+        assert len(g["ids"]) >= 8
+        seq = g["prompt_ids"] + g["ids"]
+        predicted = np.asarray(logits_of(seq[:-1]))[len(g["prompt_ids"]) - 1:].argmax(axis=1)
+        agree += int((predicted == np.array(g["ids"])).sum())
+        total += len(g["ids"])
+    return agree, total
+
+
 def llamacpp_self_agreement(path, ref) -> float:
     """The share of llama.cpp's own greedy tokens (generated one at a time) that llama.cpp's batched
     evaluation of prompt + continuation predicts: how far its two paths' rounding lets a file's near
     ties flip."""
     import llama_cpp
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
-    agree = total = 0
-    for g in ref["greedy"]:
-        seq = g["prompt_ids"] + g["ids"]
+
+    def logits_of(ids):
         llm.reset()
-        llm.eval(seq[:-1])
-        predicted = np.asarray(llm.scores[len(g["prompt_ids"]) - 1:len(seq) - 1]).argmax(axis=1)
-        agree += int((predicted == np.array(g["ids"])).sum())
-        total += len(g["ids"])
+        llm.eval(ids)
+        return llm.scores[:len(ids)]
+    agree, total = teacher_forced(ref, logits_of)
     return agree / total
 
 
@@ -63,14 +74,7 @@ def test_greedy_next_token_agrees_under_teacher_forcing(case):
     if ref["model"].endswith(".Q4_K_M.gguf"):
         bar = min(bar, llamacpp_self_agreement(path, ref) - 0.01)
     _, model = load_model(path, n_ctx=512, ffn_act=FFNActivation.parse(ref["ffn_act"]))
-    agree = total = 0
-    for g in ref["greedy"]:
-        assert len(g["ids"]) >= 8
-        seq = np.array(g["prompt_ids"] + g["ids"])
-        logits = model.forward(seq[:-1], 0, all_logits=True)
-        predicted = logits[len(g["prompt_ids"]) - 1:].argmax(axis=1)
-        agree += int((predicted == seq[len(g["prompt_ids"]):]).sum())
-        total += len(g["ids"])
+    agree, total = teacher_forced(ref, lambda ids: model.forward(np.array(ids), 0, all_logits=True))
     assert len(ref["greedy"]) >= 5 and total >= 5 * 32
     assert agree / total >= bar, f"{agree}/{total} next tokens agree, under {bar:.1%}"
 

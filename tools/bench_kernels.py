@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from numba import njit, prange
 
 from hybridinfer import kernels
