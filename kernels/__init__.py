@@ -18,6 +18,8 @@ thread count: each output row is computed by one thread, always in the same orde
 chooses the count for each call).
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -25,7 +27,8 @@ from .config import compile_notice, drop_stale_cache  # noqa: F401 (compile_noti
 
 drop_stale_cache()  # before any kernel loads its cache
 
-from . import cpu, decode, sparse  # noqa: E402
+from . import columns, cpu, decode, quant, sparse  # noqa: E402
+from .ops import DOT_ROUNDING  # noqa: E402
 from .threads import get_threads, set_threads, team  # noqa: E402,F401 (get_threads, set_threads: the API)
 
 SUPPORTED_TYPES = frozenset({
@@ -138,7 +141,7 @@ def mlp_select(fc1: tuple, fc2: tuple, threshold: float, x: np.ndarray, h: np.nd
 def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float, idx: np.ndarray,
                x: np.ndarray, out: np.ndarray) -> None:
     """out[n_embd] = the FFN of x over the neurons idx only, in one call: the gathered gate and up
-    rows, the activation (ops.SILU, RELU or FATRELU), the sparse axpy of down.
+    rows, the activation (ops.gated: SILU, RELU, FATRELU or DRELU), the sparse axpy of down.
 
     gate_up: (qtype, w) [2 * n_ff, n_embd] with neuron i's gate row at 2i and up row at 2i + 1 (x
     rounded as that type takes it); down: (qtype, w) neuron-major [n_ff, n_embd]; idx int32 in [0, n_ff)."""
@@ -156,6 +159,88 @@ def sparse_ffn(gate_up: tuple, down: tuple, act_kind: int, act_threshold: float,
     kernel(_readonly(gate_up[1]), _readonly(down[1]), int(act_kind), np.float32(act_threshold), idx, x, out, team())
 
 
+# the types whose numbers the column layout keeps as they are; others are rounded to Q8_0 first
+COLUMN_TYPES = frozenset({
+    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.F16, GGMLQuantizationType.BF16, GGMLQuantizationType.F32,
+})
+
+
+@dataclass(frozen=True)
+class ColumnMatrix:
+    """A weight matrix W [n_out, n_in] stored column by column for input_sparse_matvec (the layout:
+    kernels/columns.py). qtype: the layout's type, the file's own for COLUMN_TYPES (the same numbers),
+    Q8_0 for the others; quants, scales, mins: read-only uint8 1-D arrays of columns.layout's sizes;
+    nbytes: their bytes together."""
+    qtype: GGMLQuantizationType
+    n_out: int
+    n_in: int
+    quants: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+
+    def __post_init__(self):
+        if self.qtype not in COLUMN_TYPES or self.n_out < 1 or self.n_in < 1 or self.n_in % 32:
+            raise ValueError(f"a ColumnMatrix of {getattr(self.qtype, 'name', self.qtype)!r} {self.n_out} x "
+                             f"{self.n_in}: expected one of {', '.join(sorted(t.name for t in COLUMN_TYPES))} and "
+                             f"n_in a positive multiple of 32; build it with kernels.column_matrix")
+        n_pad, stride, n_scales, n_mins = columns.layout(int(self.qtype), self.n_out, self.n_in)
+        for a, name, size in ((self.quants, "quants", self.n_in * stride), (self.scales, "scales", n_scales),
+                              (self.mins, "mins", n_mins)):
+            if (not isinstance(a, np.ndarray) or a.dtype != _U8 or a.shape != (size,) or not a.flags.c_contiguous
+                    or a.flags.writeable):
+                raise ValueError(f"ColumnMatrix {name} must be a read-only contiguous uint8 array of shape ({size},), "
+                                 f"got {_describe(a)}; build it with kernels.column_matrix")
+
+    @property
+    def nbytes(self) -> int:
+        return self.quants.nbytes + self.scales.nbytes + self.mins.nbytes
+
+
+def column_matrix(qtype: GGMLQuantizationType, w: np.ndarray) -> ColumnMatrix:
+    """W [n_out, n_in] (the file's blocks, as matvec takes them; n_in a multiple of 32) in the column
+    layout of input_sparse_matvec: the same numbers for COLUMN_TYPES; other types (K-quants, Q5_0, Q5_1)
+    are dequantised and rounded to Q8_0 first, a second rounding."""
+    n_in = _weight(qtype, w)
+    if n_in % 32:
+        raise ValueError(f"column_matrix needs n_in a multiple of 32 (blocks of 32 inputs), got {n_in}")
+    if qtype not in COLUMN_TYPES:
+        w, qtype = _to_q8_0(qtype, w, n_in), GGMLQuantizationType.Q8_0
+    quants, scales, mins = columns.allocate(int(qtype), w.shape[0], n_in)
+    columns.build_columns_for(int(qtype))(_readonly(w), quants, scales, mins, team())
+    for a in (quants, scales, mins):
+        a.flags.writeable = False
+    return ColumnMatrix(qtype, w.shape[0], n_in, quants, scales, mins)
+
+
+def input_sparse_matvec(cm: ColumnMatrix, x: np.ndarray, threshold: float, out: np.ndarray) -> None:
+    """out[n_out] f32 = W @ x' where x' is x[n_in] f32 with the entries below threshold in magnitude
+    (and NaNs) set to 0 (TEAL's input sparsity; threshold 0 keeps all), reading only the kept columns
+    of cm (column_matrix). For Q4_0, Q4_1 and Q8_0, the terms of matvec(qtype, w, x', out), summed in
+    another order; threshold is compared as float32."""
+    if not isinstance(cm, ColumnMatrix):
+        raise ValueError(f"cm must be a ColumnMatrix (kernels.column_matrix), got {type(cm).__name__}")
+    _vector(x, cm.n_in, "x", "the matrix's n_in")
+    _vector(out, cm.n_out, "out", "the matrix's n_out", writable=True)
+    _no_overlap(out, x)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)) \
+            or not threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    kernel = columns.input_sparse_matvec_for(int(cm.qtype))
+    kernel(cm.quants, cm.scales, cm.mins, x, np.float32(threshold), out, team())
+
+
+def _to_q8_0(qtype, w, n_in, rows=1024) -> np.ndarray:
+    """The blocks w of type qtype dequantised and rounded to Q8_0, rows at a time."""
+    out = np.empty((w.shape[0], n_in // 32 * 34), np.uint8)
+    values = np.empty((min(rows, w.shape[0]), n_in), np.float32)
+    for r in range(0, w.shape[0], rows):
+        part = w[r:r + rows]
+        cpu.get_rows_for(int(qtype))(_readonly(part), np.arange(part.shape[0]), values[:part.shape[0]], team())
+        out[r:r + rows] = quant.quantize(values[:part.shape[0]], GGMLQuantizationType.Q8_0)
+    return out
+
+
 class AttentionDecoder:
     """One layer's attention block for one token, in one kernel call (kernels/decode.py): x[1, n_embd] +=
     attn_output(attention) of the token at pos, its k and v stored in the layer's f16 cache.
@@ -165,9 +250,12 @@ class AttentionDecoder:
     norm [n_embd], cos and sin [n_ctx, rope_dim / 2] (float32) and the caches [n_head_kv, n_ctx, hd]
     (float16, writable), all C-contiguous.
     A call checks x and pos.
+
+    With columns = (q, k, v, output ColumnMatrix, thresholds [4]), the projections drop their inputs
+    below each one's threshold and read only the kept columns (input sparsity, TEAL).
     """
 
-    def __init__(self, norm, eps, wq, wk, wv, wo, n_head: int, cos, sin, k_cache, v_cache):
+    def __init__(self, norm, eps, wq, wk, wv, wo, n_head: int, cos, sin, k_cache, v_cache, columns=None):
         for a, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
             if not isinstance(a, np.ndarray) or a.dtype != np.float16 or a.ndim != 3:
                 raise ValueError(f"{name} must be a float16 array (n_head_kv, n_ctx, head_dim), got {_describe(a)}")
@@ -191,9 +279,19 @@ class AttentionDecoder:
                   (max(n_embd, n_head * hd),), (n_head, n_ctx))  # xn, q, k, v, att, y, rounded input, scores
         scratch = tuple(np.zeros(shape, np.float32) for shape in shapes)
         self.n_embd, self.n_ctx = n_embd, n_ctx
-        self._kernel = decode.attention_decode_for(*(int(w[0]) for w in (wq, wk, wv, wo)))
-        weights = tuple((int(kind), _readonly(w)) for _, kind, w in (wq, wk, wv, wo))
-        self._args = (norm, np.float32(eps), *weights)
+        if columns is None:
+            self._kernel = decode.attention_decode_for(*(int(w[0]) for w in (wq, wk, wv, wo)))
+            weights = tuple((int(kind), _readonly(w)) for _, kind, w in (wq, wk, wv, wo))
+            self._args = (norm, np.float32(eps), *weights)
+        else:
+            *cms, thresholds = columns
+            for cm, w, name in zip(cms, (wq, wk, wv, wo), ("q", "k", "v", "output")):
+                if not isinstance(cm, ColumnMatrix) or (cm.n_out, cm.n_in) != (w[2].shape[0], _weight(w[0], w[2])):
+                    raise ValueError(f"attention {name} columns must be a ColumnMatrix of the weight's shape, got "
+                                     f"{_describe(cm)}")
+            self._kernel = decode.input_sparse_attention_decode_for(*(int(cm.qtype) for cm in cms))
+            weights = tuple((DOT_ROUNDING[cm.qtype], (cm.quants, cm.scales, cm.mins)) for cm in cms)
+            self._args = (norm, np.float32(eps), *weights, _thresholds(thresholds, 4))
         # the kernels read and write the f16 bits (numba has no float16 on the CPU)
         self._rest = (cos, sin, k_cache.view(np.uint16), v_cache.view(np.uint16), scratch)
 
@@ -206,6 +304,40 @@ class AttentionDecoder:
         if not 0 <= pos < self.n_ctx:
             raise ValueError(f"position {pos} is outside the cache of {self.n_ctx}")
         self._kernel(x, *self._args, pos, *self._rest, team())
+
+
+class InputSparseFFNDecoder:
+    """One layer's FFN for one token with input sparsity (TEAL), in one kernel call (kernels/decode.py):
+    out = down(gated(gate(x'), up(x'))'), ' dropping the inputs below each matrix's threshold, each
+    matrix read through its column layout (column_matrix). Shapes checked here, once."""
+
+    def __init__(self, gate: ColumnMatrix, up: ColumnMatrix, down: ColumnMatrix, thresholds, act_kind: int,
+                 act_threshold: float):
+        for cm, name in ((gate, "gate"), (up, "up"), (down, "down")):
+            if not isinstance(cm, ColumnMatrix):
+                raise ValueError(f"{name} must be a ColumnMatrix (kernels.column_matrix), got {type(cm).__name__}")
+        if (gate.n_in, gate.n_out) != (up.n_in, up.n_out) or (down.n_in, down.n_out) != (gate.n_out, gate.n_in):
+            raise ValueError(f"gate {gate.n_out} x {gate.n_in}, up {up.n_out} x {up.n_in} and down {down.n_out} x "
+                             f"{down.n_in} do not make an FFN")
+        self.n_embd, n_ff = gate.n_in, gate.n_out
+        self._thresholds = _thresholds(thresholds, 3)
+        self._kernel = decode.input_sparse_ffn_for(*(int(cm.qtype) for cm in (gate, up, down)))
+        self._weights = tuple((DOT_ROUNDING[cm.qtype], (cm.quants, cm.scales, cm.mins)) for cm in (gate, up, down))
+        self._act = (int(act_kind), np.float32(act_threshold))
+        self._scratch = (np.zeros(n_ff, np.float32), np.zeros(n_ff, np.float32), np.zeros(n_ff, np.float32))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        _vector(x, self.n_embd, "x", "n_embd")
+        _vector(out, self.n_embd, "out", "n_embd", writable=True)
+        _no_overlap(out, x)
+        self._kernel(x, *self._weights, self._thresholds, *self._act, out, self._scratch, team())
+
+
+def _thresholds(values, n: int) -> np.ndarray:
+    t = np.asarray(values, np.float32)
+    if t.shape != (n,) or not np.all(t >= 0) or not np.all(np.isfinite(t)):
+        raise ValueError(f"thresholds must be {n} finite numbers >= 0, got {values!r}")
+    return t
 
 
 # ---- checks (messages are built only on failure: these run ~200 times per token) ---------------

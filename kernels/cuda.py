@@ -26,7 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from hybridinfer import kernels
 from hybridinfer.kernels import _matrix as _host_matrix, _weight
-from hybridinfer.kernels.ops import (FATRELU, RELU, ROUND_BF16, ROUND_F16, ROUND_NONE, ROUND_Q8_0, ROUND_Q8_K,
+from hybridinfer.kernels.ops import (DRELU, FATRELU, RELU, ROUND_BF16, ROUND_F16, ROUND_NONE, ROUND_Q8_0, ROUND_Q8_K,
                                      SILU)
 
 try:
@@ -169,8 +169,8 @@ def sparse_ffn(gate_up: DeviceMatrix, down: DeviceMatrix, act_kind: int, act_thr
     if gate_up.n_in != n_embd or gate_up.n_out != 2 * n_hot:
         raise ValueError(f"gate_up {gate_up.n_out} x {gate_up.n_in} does not match down {n_hot} x {n_embd}: "
                          f"expected [2 * n_hot, n_embd] and [n_hot, n_embd]")
-    if act_kind not in (SILU, RELU, FATRELU):
-        raise ValueError(f"act_kind must be ops.SILU, RELU or FATRELU, got {act_kind!r}")
+    if act_kind not in (SILU, RELU, FATRELU, DRELU):
+        raise ValueError(f"act_kind must be ops.SILU, RELU, FATRELU or DRELU, got {act_kind!r}")
     if not isinstance(scratch, FFNScratch) or scratch.n_embd != n_embd:
         raise ValueError(f"scratch must be an FFNScratch for n_embd {n_embd}, got {_describe(scratch)}")
     _device(idx_dev, (None,), np.int32, "idx", "any length")
@@ -420,13 +420,16 @@ if cuda is not None:
         cuda.syncthreads()
 
     @cuda.jit(device=True)
-    def _act(g, kind, threshold):
-        """ops.act on the device: SILU, RELU or FATRELU (keeps g >= threshold)."""
+    def _gated(g, u, kind, threshold):
+        """ops.gated on the device: act(g) * u for SILU, RELU or FATRELU (keeps g >= threshold),
+        relu(g) * relu(u) for DRELU."""
         if kind == SILU:
-            return g / (np.float32(1.0) + math.exp(-g))
+            return g / (np.float32(1.0) + math.exp(-g)) * u
         if kind == RELU:
-            return max(g, np.float32(0.0))
-        return g if g >= threshold else np.float32(0.0)
+            return max(g, np.float32(0.0)) * u
+        if kind == DRELU:
+            return max(g, np.float32(0.0)) * max(u, np.float32(0.0))
+        return (g if g >= threshold else np.float32(0.0)) * u
 
     @cuda.jit(device=True)
     def _last_block(counter, is_last, t):
@@ -483,7 +486,7 @@ def _sparse_ffn_for(gu_fmt: int, down_fmt: int):
             dots[j, t] = _row_dot(gu_fmt, gate_up, 2 * k + j % 2, x, t) if k >= 0 else np.float32(0.0)
         _reduce(dots, t)
         if t < NEURONS:
-            h[t] = _act(dots[2 * t, 0], act_kind, act_threshold) * dots[2 * t + 1, 0]
+            h[t] = _gated(dots[2 * t, 0], dots[2 * t + 1, 0], act_kind, act_threshold)
         cuda.syncthreads()
         for c in range(t, out.shape[0], THREADS):
             s = np.float32(0.0)

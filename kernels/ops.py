@@ -11,7 +11,7 @@ from numba import njit, prange
 from hybridinfer.kernels.config import HELPER, KERNEL, SERIAL_KERNEL
 from hybridinfer.kernels.simd import LANES, NATIVE_HALF, half_to_f32, load_f32, store_half
 
-SILU, RELU, FATRELU = 0, 1, 2
+SILU, RELU, FATRELU, DRELU = 0, 1, 2, 3  # DRELU: relu(gate) * relu(up) (TurboSparse)
 
 
 @njit(**SERIAL_KERNEL)
@@ -76,20 +76,29 @@ def attention(q, k_cache, v_cache, pos, out, scores):
 
 @njit(**SERIAL_KERNEL, inline="always")
 def act(g, kind, threshold):
-    """The FFN activation of one gate value g: SILU, RELU or FATRELU (keeps g >= threshold)."""
+    """The FFN activation of one gate value g: SILU, RELU (and DRELU's gate) or FATRELU (keeps g >= threshold)."""
     if kind == SILU:
         return g / (np.float32(1.0) + np.exp(-g))
-    if kind == RELU:
+    if kind == RELU or kind == DRELU:
         return max(g, np.float32(0.0))
     return g if g >= threshold else np.float32(0.0)
 
 
+@njit(**SERIAL_KERNEL, inline="always")
+def gated(g, u, kind, threshold):
+    """A neuron's activation from its gate and up values: act(g) * u, and relu(g) * relu(u) for DRELU."""
+    if kind == DRELU:
+        return max(g, np.float32(0.0)) * max(u, np.float32(0.0))
+    return act(g, kind, threshold) * u
+
+
 @njit(**SERIAL_KERNEL)
 def ffn_activation(gate, up, kind, threshold):
-    """gate[T, n_ff] <- act(gate) * up[T, n_ff] in place; kind SILU, RELU or FATRELU (keeps g >= threshold)."""
+    """gate[T, n_ff] <- gated(gate, up) in place: act(gate) * up[T, n_ff] for SILU, RELU or FATRELU
+    (keeps g >= threshold), relu(gate) * relu(up) for DRELU."""
     for t in range(gate.shape[0]):
         for i in range(gate.shape[1]):
-            gate[t, i] = act(gate[t, i], kind, threshold) * up[t, i]
+            gate[t, i] = gated(gate[t, i], up[t, i], kind, threshold)
 
 
 @njit(**SERIAL_KERNEL)

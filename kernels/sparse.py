@@ -16,7 +16,7 @@ from numba import njit, prange
 
 from hybridinfer.kernels.config import HELPER, KERNEL, PARALLEL, SERIAL_KERNEL, SHARED_PARALLEL
 from hybridinfer.kernels.cpu import _Q4_0, _Q4_1, _Q8_0, decode, matvec, q8_input, row_dot, tail_buffers
-from hybridinfer.kernels.ops import act
+from hybridinfer.kernels.ops import gated
 from hybridinfer.kernels.simd import LANES, load_f16, load_f32, load_i8, load_u8, prefetch, store_f32, to_f32, zeros
 
 
@@ -244,7 +244,7 @@ def sparse_ffn(gu_fmt, gate_up, down_fmt, down, act_kind, act_threshold, idx, x,
 
     gate_up: uint8 blocks of type gu_fmt [2 * n_ff, n_embd], neuron i's gate row at 2i, its up row
     at 2i + 1; down: blocks of type down_fmt, neuron-major [n_ff, n_embd] (the formats compile-time
-    constants); act_kind, act_threshold as ops.act; idx int32[n], each in [0, n_ff); x f32[n_embd]
+    constants); act_kind, act_threshold as ops.gated; idx int32[n], each in [0, n_ff); x f32[n_embd]
     (rounded as the gate_up type takes it); out f32[n_embd], written. Neurons whose activation is
     zero are skipped by the axpy.
     """
@@ -257,7 +257,7 @@ def sparse_ffn(gu_fmt, gate_up, down_fmt, down, act_kind, act_threshold, idx, x,
     gather_matvec(gu_fmt, gate_up, rows, x, dots, n_chunks)
     coeffs = np.empty(n, np.float32)
     for k in range(n):
-        coeffs[k] = act(dots[2 * k], act_kind, act_threshold) * dots[2 * k + 1]
+        coeffs[k] = gated(dots[2 * k], dots[2 * k + 1], act_kind, act_threshold)
     sparse_axpy(down_fmt, down, idx, coeffs, out, n_chunks)
 
 

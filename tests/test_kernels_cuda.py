@@ -51,8 +51,9 @@ def reference_ffn(qtype, gate_up, down, kind, threshold, idx, x) -> np.ndarray:
     """The FFN over neurons idx in float64 NumPy, from gguf's dequantisation."""
     dots = reference.dequantize(qtype, gate_up).astype(np.float64) @ x
     gate, up = dots[0::2][idx], dots[1::2][idx]
-    act = {ops.SILU: gate / (1 + np.exp(-gate)), ops.RELU: np.maximum(gate, 0),
+    act = {ops.SILU: gate / (1 + np.exp(-gate)), ops.RELU: np.maximum(gate, 0), ops.DRELU: np.maximum(gate, 0),
            ops.FATRELU: np.where(gate >= threshold, gate, 0)}[kind]
+    up = np.maximum(up, 0) if kind == ops.DRELU else up
     return (act * up) @ reference.dequantize(qtype, down).astype(np.float64)[idx]
 
 
@@ -94,7 +95,8 @@ def test_sparse_ffn_equals_reference_and_cpu(ffn, name):
         assert not got.any()
 
 
-@pytest.mark.parametrize("kind, threshold", [(ops.RELU, 0.0), (ops.FATRELU, np.float32(0.5)), (ops.SILU, 0.0)])
+@pytest.mark.parametrize("kind, threshold", [(ops.RELU, 0.0), (ops.FATRELU, np.float32(0.5)), (ops.SILU, 0.0),
+                                             (ops.DRELU, 0.0)])
 def test_activations(kind, threshold):
     qtype, rng = Q.Q4_0, np.random.default_rng(7)
     gate_up = blocks(rng.standard_normal((2 * N_HOT, N_EMBD)).astype(np.float32), qtype)

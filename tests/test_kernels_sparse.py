@@ -9,7 +9,7 @@ from gguf import dequantize, quantize
 
 from hybridinfer import kernels
 from hybridinfer.kernels import reference
-from hybridinfer.kernels.ops import FATRELU, RELU, SILU
+from hybridinfer.kernels.ops import DRELU, FATRELU, RELU, SILU
 from hybridinfer.kernels.sparse import JUMP, _balanced_bounds, select_active
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
@@ -170,9 +170,10 @@ def test_mlp_select_refuses_mismatched_shapes():
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("which", ["none", "one", "last", "all", "some"])
-@pytest.mark.parametrize("kind", [RELU, FATRELU, SILU])
+@pytest.mark.parametrize("kind", [RELU, FATRELU, SILU, DRELU])
 def test_sparse_ffn(qtype, which, kind):
-    """The FFN over a set of neurons equals down @ (act(gate @ x) * (up @ x)) with the others zeroed."""
+    """The FFN over a set of neurons equals down @ (act(gate @ x) * (up @ x)) with the others zeroed
+    (relu(gate @ x) * relu(up @ x) for dReLU)."""
     rng = np.random.default_rng(4)
     n_ff, n_embd = 70, 96
     gate, up, down = (rng.standard_normal(shape).astype(np.float32) for shape in
@@ -185,7 +186,8 @@ def test_sparse_ffn(qtype, which, kind):
     kernels.sparse_ffn((qtype, gate_up), (qtype, down_t), kind, 0.5, idx, x, out)
     dots = reference.matvec(qtype, gate_up, x).reshape(n_ff, 2)
     g, u = dots[:, 0].astype(np.float64), dots[:, 1]
-    a = {RELU: np.maximum(g, 0), FATRELU: np.where(g >= 0.5, g, 0), SILU: g / (1 + np.exp(-g))}[kind] * u
+    a = {RELU: np.maximum(g, 0), FATRELU: np.where(g >= 0.5, g, 0), SILU: g / (1 + np.exp(-g)),
+         DRELU: np.maximum(g, 0)}[kind] * (np.maximum(u, 0) if kind == DRELU else u)
     expected = a[idx] @ dequantize(down_t, qtype).reshape(n_ff, n_embd).astype(np.float64)[idx]
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-3)
 

@@ -105,10 +105,11 @@ def test_half_bits_equals_numpy_cast():
     (ops.SILU, 0.0, lambda g: g / (1 + np.exp(-g))),
     (ops.RELU, 0.0, lambda g: np.maximum(g, 0)),
     (ops.FATRELU, 0.5, lambda g: np.where(g >= 0.5, g, 0)),
+    (ops.DRELU, 0.0, lambda g: np.maximum(g, 0)),
 ])
 def test_ffn_activation(kind, threshold, act):
     gate, up = randn(3, 40), randn(3, 40)
-    expected = act(gate) * up
+    expected = act(gate) * (np.maximum(up, 0) if kind == ops.DRELU else up)
     ops.ffn_activation(gate, up, kind, np.float32(threshold))
     np.testing.assert_allclose(gate, expected, rtol=1e-5, atol=1e-6)
 
