@@ -3,10 +3,11 @@
 import argparse
 import sys
 
-from hybridinfer.commands import bench, convert, perplexity, profile, run
+from hybridinfer.commands import bench, calibrate, convert, perplexity, profile, run, sparsity
 from hybridinfer.errors import EXIT_INTERRUPTED, HybridInferError
 
-COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench, "profile": profile, "convert": convert}
+COMMANDS = {"run": run, "perplexity": perplexity, "bench": bench, "profile": profile, "convert": convert,
+            "calibrate": calibrate, "sparsity": sparsity}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -15,29 +15,64 @@ import numpy as np
 
 from hybridinfer import kernels
 from hybridinfer.predictors import PredictorSet, SparsityStats
+from hybridinfer.predictors.thresholds import Thresholds
 from hybridinfer.errors import HybridInferError
 from hybridinfer.loader import Block, FFNActivation, Matrix, ModelArgs, interleaved_rows, neuron_major, round_input
-from hybridinfer.kernels.ops import FATRELU, RELU, SILU, activation, ffn_activation, nonzero
+from hybridinfer.kernels.ops import DRELU, FATRELU, RELU, SILU, activation, ffn_activation, nonzero
 
-ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
+ACT_KIND = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU, "drelu": DRELU}
 
 
 def activate(act: FFNActivation, gate: np.ndarray, up: np.ndarray) -> None:
-    """gate[T, n_ff] <- act(gate) * up, in place."""
+    """gate[T, n_ff] <- act(gate) * up (relu(gate) * relu(up) for dReLU), in place."""
     ffn_activation(gate, up, ACT_KIND[act.kind], np.float32(act.threshold))
 
 
-def active_mask(act: FFNActivation, gate: np.ndarray, out: np.ndarray) -> None:
-    """out bool [T, n_ff] <- act(gate) != 0 for gate f32 [T, n_ff], the gate projection before activation:
-    the truly active set A of DESIGN.md."""
-    if act.kind == "relu":
-        np.greater(gate, 0.0, out=out)
-    elif act.kind == "fatrelu":  # keeps g >= threshold, so g == 0 there is inactive too
-        np.greater_equal(gate, np.float32(act.threshold), out=out)
-        out &= gate != 0.0
-    else:
-        raise HybridInferError(f"FFN activation {act} has no exact zeros to predict: give a ReLU model or "
-                               f"--ffn-act relu / fatrelu:T")
+class ActiveSet:
+    """The truly active set A of DESIGN.md: act(gate) != 0 for ReLU and FATReLU, gate > 0 and up > 0
+    for dReLU, and with CETT thresholds (any activation) a != 0 and |a_i| >= tau_i for the activation
+    a = act(gate) * up, tau the layer's per-neuron thresholds (predictors.thresholds)."""
+
+    def __init__(self, act: FFNActivation, cett: Thresholds | None = None):
+        self.act, self.cett = act, cett
+
+    def check(self) -> "ActiveSet":
+        """Self, refused where there is no set to speak of: an activation without exact zeros and no thresholds."""
+        if self.cett is None and not self.act.sparse:
+            raise HybridInferError(f"FFN activation {self.act} has no exact zeros to predict: give a ReLU model, "
+                                   f"--ffn-act relu / fatrelu:T / drelu, or CETT --thresholds DIR "
+                                   f"(hybridinfer calibrate --method cett)")
+        return self
+
+    @property
+    def needs_up(self) -> bool:
+        """Whether mask reads the up projection too."""
+        return self.cett is not None or self.act.kind == "drelu"
+
+    def mask(self, layer: int, gate: np.ndarray, up: np.ndarray | None, out: np.ndarray) -> None:
+        """out bool [T, n_ff] <- the active set, from gate (and up where needs_up) f32 [T, n_ff], the
+        projections before the activation."""
+        if self.cett is not None:
+            a = gate.copy()
+            activate(self.act, a, up)
+            np.greater_equal(np.abs(a), self.cett.ffn(layer), out=out)
+            out &= a != 0.0
+        elif self.act.kind == "relu":
+            np.greater(gate, 0.0, out=out)
+        elif self.act.kind == "drelu":
+            np.greater(gate, 0.0, out=out)
+            out &= up > 0.0
+        else:  # fatrelu keeps g >= threshold, so g == 0 there is inactive too
+            np.greater_equal(gate, np.float32(self.act.threshold), out=out)
+            out &= gate != 0.0
+
+    def of(self, layer: int, blk: Block, xn: np.ndarray, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
+        """out <- the active set of the FFN input xn [T, n_embd], the projections computed into gate
+        (and up where needs_up)."""
+        blk.ffn_gate(xn, gate)
+        if self.needs_up:
+            blk.ffn_up(xn, up)
+        self.mask(layer, gate, up, out)
 
 
 class DenseFFN:
@@ -70,31 +105,54 @@ class DenseFFN:
 
 class ExactSparseFFN(DenseFFN):
     """The gate for every neuron; up only where act(gate) != 0. Down reads the activation vector with
-    its zeros, so the result is dense mode's bit for bit, with no predictor and no quality loss."""
+    its zeros, so the result is dense mode's bit for bit, with no predictor and no quality loss.
 
-    def __init__(self, args: ModelArgs, n_batch: int, stats: SparsityStats | None = None):
+    With CETT thresholds the active set needs every neuron's gate and up (a_i = act(gate_i) * up_i):
+    both run dense, the neurons under their thresholds are zeroed, and down reads the vector as
+    above (the quality of the thresholded set, at dense mode's cost: predicted mode is the fast one)."""
+
+    def __init__(self, args: ModelArgs, n_batch: int, active: ActiveSet, stats: SparsityStats | None = None):
         super().__init__(args, n_batch)
-        self.stats = stats
+        self.active, self.stats = active, stats
         self.idx = np.zeros(args.n_ff, np.int32)
+        self.mask = np.zeros((n_batch, args.n_ff), bool)
 
     def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
-        if len(xn) > 1:
+        if self.active.cett is not None:
+            self._thresholded(layer, blk, xn, out)
+        elif len(xn) > 1:
             super().__call__(layer, blk, resid, xn, out)
             if self.stats:
                 active = self.gate[:len(xn)] != 0
                 self.stats.add(layer, active, active)
-            return
+        else:
+            self._decode(layer, blk, xn, out)
+
+    def _decode(self, layer: int, blk: Block, xn: np.ndarray, out: np.ndarray) -> None:
         g, u = self.gate[0], self.up[0]
         blk.ffn_gate(xn, self.gate[:1])
         activation(g, self.kind, np.float32(self.act.threshold))
-        if self.stats:
-            active = (g != 0)[None, :]
-            self.stats.add(layer, active, active)
         n = nonzero(g, self.idx)
         idx = self.idx[:n]
         blk.ffn_up.gather(idx, xn, u[:n])
+        if self.kind == DRELU:
+            np.maximum(u[:n], 0.0, out=u[:n])
+        if self.stats:
+            active = np.zeros((1, len(g)), bool)
+            active[0, idx] = u[:n] != 0 if self.kind == DRELU else True
+            self.stats.add(layer, active, active)
         g[idx] *= u[:n]
         blk.ffn_down(self.gate[:1], out)
+
+    def _thresholded(self, layer: int, blk: Block, xn: np.ndarray, out: np.ndarray) -> None:
+        T = len(xn)
+        gate, up, mask = self.gate[:T], self.up[:T], self.mask[:T]
+        self.active.of(layer, blk, xn, gate, up, mask)
+        if self.stats:
+            self.stats.add(layer, mask, mask)
+        activate(self.act, gate, up)
+        gate[~mask] = 0.0
+        blk.ffn_down(gate, out)
 
 
 class PredictedFFN(DenseFFN):
@@ -104,9 +162,10 @@ class PredictedFFN(DenseFFN):
     tensors; a decode step is two kernel calls, the predictor's and the FFN's over its set."""
 
     def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
-                 stats: SparsityStats | None = None):
+                 stats: SparsityStats | None = None, active: ActiveSet | None = None):
         super().__init__(args, n_batch)
         self.predictor, self.stats = predictor, stats
+        self.active = active or ActiveSet(args.ffn_act)  # what --stats measures the predicted sets against
         self.predictor_s = 0.0  # time in the predictor, measured with --stats only
         # the file's own copies where it holds them (a converted file), else made here
         self.gate_up: list[Matrix] = [blk.ffn_gate_up if blk.ffn_gate_up is not None else
@@ -143,9 +202,8 @@ class PredictedFFN(DenseFFN):
         predict = self.predictor.active_indices
         idx = self._predict_timed(predict, layer, resid[0]) if self.stats else predict(layer, resid[0])
         if self.stats:
-            # the true set needs the dense gate: this costs time, so --stats runs are not for speed
-            blk.ffn_gate(xn, self.gate[:1])
-            active_mask(self.act, self.gate[:1], self.mask[:1])
+            # the true set needs the dense gate (and up): this costs time, so --stats runs are not for speed
+            self.active.of(layer, blk, xn, self.gate[:1], self.up[:1], self.mask[:1])
             predicted = np.zeros((1, len(self.idx)), bool)
             predicted[0, idx] = True
             self.stats.add(layer, self.mask[:1], predicted)
@@ -174,7 +232,7 @@ class PredictedFFN(DenseFFN):
         np.copyto(up, both[:, 1::2])
         if self.stats:
             active = np.empty_like(mask)
-            active_mask(self.act, gate, active)
+            self.active.mask(layer, gate, up, active)
             self.stats.add(layer, active, mask)
         gate[~mask] = 0.0
         activate(self.act, gate, up)
@@ -236,8 +294,8 @@ class HybridFFN(PredictedFFN):
     run as predicted mode."""
 
     def __init__(self, args: ModelArgs, n_batch: int, blocks: list[Block], predictor: PredictorSet,
-                 placement, side, stats: SparsityStats | None = None):
-        super().__init__(args, n_batch, blocks, predictor, stats)
+                 placement, side, stats: SparsityStats | None = None, active: ActiveSet | None = None):
+        super().__init__(args, n_batch, blocks, predictor, stats, active)
         self.placement, self.side = placement, side
         self.position = []  # per layer: int32 [n_ff], a neuron's place in the hot block, -1 when cold
         for layer, hot in enumerate(placement.hot):
@@ -263,14 +321,14 @@ class HybridFFN(PredictedFFN):
             self.side.finish(out)
 
 
-SPARSE_MODES = ("off", "exact", "predicted")
+SPARSE_MODES = ("off", "exact", "predicted", "input")  # input: inputs.InputSparsity (TEAL)
 
 
 def make_ffn(mode: str, args: ModelArgs, blocks: list[Block], n_batch: int, predictor: PredictorSet | None = None,
-             stats: SparsityStats | None = None):
-    """The FFN strategy for --sparse MODE (off, exact or predicted)."""
+             stats: SparsityStats | None = None, cett: Thresholds | None = None):
+    """The FFN strategy for --sparse MODE (off, exact or predicted; CETT thresholds define the active set)."""
     if mode == "predicted":
-        return PredictedFFN(args, n_batch, blocks, predictor, stats)
+        return PredictedFFN(args, n_batch, blocks, predictor, stats, ActiveSet(args.ffn_act, cett))
     if mode == "exact":
-        return ExactSparseFFN(args, n_batch, stats)
+        return ExactSparseFFN(args, n_batch, ActiveSet(args.ffn_act, cett).check(), stats)
     return DenseFFN(args, n_batch)

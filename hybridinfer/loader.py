@@ -15,7 +15,7 @@ from hybridinfer.gguf_file import GGUFFile, TensorInfo, checked
 from hybridinfer.kernels.ops import DOT_ROUNDING, ROUND_NONE, ROUND_Q8_0, round_for_dot
 from hybridinfer.predictors.format import Fingerprint, fingerprint
 
-ACTIVATIONS = ("silu", "relu", "fatrelu")
+ACTIVATIONS = ("silu", "relu", "fatrelu", "drelu")  # drelu: relu(gate) * relu(up) (TurboSparse, Bamboo)
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,10 @@ class FFNActivation:
 
     @classmethod
     def parse(cls, spec: str) -> "FFNActivation":
-        """'silu', 'relu' or 'fatrelu:T' (as given to --ffn-act), T a finite number >= 0."""
+        """'silu', 'relu', 'drelu' or 'fatrelu:T' (as given to --ffn-act), T a finite number >= 0."""
         kind, _, threshold = spec.partition(":")
         if kind not in ACTIVATIONS or (kind == "fatrelu") != bool(threshold):
-            raise HybridInferError(f"unknown FFN activation '{spec}': expected silu, relu or fatrelu:T")
+            raise HybridInferError(f"unknown FFN activation '{spec}': expected silu, relu, drelu or fatrelu:T")
         try:
             value = float(threshold or 0.0)
         except ValueError:
@@ -191,6 +191,10 @@ class Matrix:
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         kernels.get_rows(self.qtype, self.data, ids, out)
 
+    def values(self) -> np.ndarray:
+        """W dequantised, f32 [n_out, n_in]."""
+        return _values(self)
+
 
 class _Derived(Matrix):
     """A matrix the file does not hold, made on first use from one it does: a sparse GGUF's dense
@@ -325,6 +329,9 @@ def load_weights(gguf: GGUFFile, args: ModelArgs) -> Weights:
               "ffn_gate": (e, ff), "ffn_up": (e, ff), "ffn_down": (ff, e)}
     blocks = []
     for i in range(args.n_layer):
+        if args.ffn_act.kind == "drelu" and not {f"blk.{i}.ffn_up.weight", f"blk.{i}.ffn_gate_up.weight"} & gguf.tensors.keys():
+            raise HybridInferError(f"dReLU (relu(gate) * relu(up)) needs an up projection, and '{gguf.path}' lacks "
+                                   f"blk.{i}.ffn_up.weight: give another --ffn-act")
         sparse = _sparse_layout(t, i, e, ff)
         parts = {f.name: (t.vector(f"blk.{i}.{f.name}.weight", e) if f.name.endswith("norm")
                           else t.matrix(f"blk.{i}.{f.name}.weight", *shapes[f.name]))

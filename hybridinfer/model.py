@@ -54,21 +54,26 @@ class RunState:
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, weights: Weights, n_ctx: int, ffn=None, n_batch: int = N_BATCH):
+    def __init__(self, args: ModelArgs, weights: Weights, n_ctx: int, ffn=None, n_batch: int = N_BATCH,
+                 inputs=None):
         if n_ctx < 1:
             raise HybridInferError(f"context size {n_ctx} is out of range: give at least 1 token")
         self.args, self.w, self.n_ctx, self.n_batch = args, weights, n_ctx, n_batch
         self.ffn = ffn or DenseFFN(args, n_batch)
+        # inputs.InputSparsity (--sparse input): called as inputs(layer, name, matrix, x, out) for the
+        # attention's matrices of a batch, and of a decode step when it counts them or has no column copies
+        self.inputs = inputs
         self.s = RunState(args, n_ctx, n_batch)
         inv_freq = args.rope_base ** (-np.arange(0, args.rope_dim, 2, dtype=np.float64) / args.rope_dim)
         angles = np.outer(np.arange(n_ctx), inv_freq)  # [n_ctx, rope_dim/2]
         self.cos, self.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         self.eps = np.float32(args.norm_eps)
-        # decoding one token: each layer's attention block in one kernel call
+        # decoding one token: each layer's attention block in one kernel call (with input sparsity, over
+        # its column-major copies)
         self.attention_decoders = [
             AttentionDecoder(blk.attn_norm, self.eps, blk.attn_q.operand, blk.attn_k.operand, blk.attn_v.operand,
                              blk.attn_output.operand, args.n_head, self.cos, self.sin, self.s.k_cache[i],
-                             self.s.v_cache[i])
+                             self.s.v_cache[i], inputs.attention_columns(i) if inputs else None)
             for i, blk in enumerate(weights.blk)]
 
     def warm_up(self) -> None:
@@ -112,9 +117,9 @@ class Transformer:
         q3, att3 = q.reshape(T, a.n_head, a.head_dim), att.reshape(T, a.n_head, a.head_dim)
         k3, v3 = k.reshape(T, a.n_head_kv, a.head_dim), v.reshape(T, a.n_head_kv, a.head_dim)
         rms_norm(x, blk.attn_norm, self.eps, xn)
-        blk.attn_q(xn, q)
-        blk.attn_k(xn, k)
-        blk.attn_v(xn, v)
+        self._matrix(i, "attn_q", blk.attn_q, xn, q)
+        self._matrix(i, "attn_k", blk.attn_k, xn, k)
+        self._matrix(i, "attn_v", blk.attn_v, xn, v)
         rope(q3, k3, pos, self.cos, self.sin)
         # the f16 cache [n_kv, n_ctx, hd], as llama.cpp's: values beyond f16's range become inf there
         # too (damaged weights: the sampler reports the NaN logits)
@@ -123,15 +128,21 @@ class Transformer:
             s.v_cache[i][:, pos:pos + T] = v3.transpose(1, 0, 2)
         # the kernel reads the f16 bits (numba has no float16 on the CPU)
         attention(q3, s.k_cache[i].view(np.uint16), s.v_cache[i].view(np.uint16), pos, att3, s.scores)
-        blk.attn_output(att, y)
+        self._matrix(i, "attn_output", blk.attn_output, att, y)
         x += y
+
+    def _matrix(self, i: int, name: str, matrix, x: np.ndarray, out: np.ndarray) -> None:
+        if self.inputs is None:
+            matrix(x, out)
+        else:
+            self.inputs(i, name, matrix, x, out)
 
     def _step(self, tokens: np.ndarray, pos: int, all_logits: bool) -> np.ndarray:
         s, T = self.s, len(tokens)
         x, xn, y = s.x[:T], s.xn[:T], s.y[:T]
         self.w.token_embd.rows(tokens, x)
         for i, blk in enumerate(self.w.blk):
-            if T == 1:
+            if T == 1 and (self.inputs is None or self.inputs.fused):
                 self.attention_decoders[i](x, pos)
             else:
                 self._attention(i, blk, pos, T)

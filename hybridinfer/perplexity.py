@@ -18,6 +18,19 @@ class Perplexity:
     err: float = 0.0  # llama.cpp's "+/-": ppl times the standard error of the mean NLL
 
 
+def chunk_nll(model: Transformer, chunk: np.ndarray) -> np.ndarray:
+    """The negative log-likelihood of each token of chunk's second half, the chunk run from an empty cache
+    (as llama-perplexity scores a chunk: logits at positions len/2 .. len-2 against the next token);
+    not finite where the logits are not."""
+    first = len(chunk) // 2
+    logits = model.forward(chunk, 0, all_logits=True)[first:len(chunk) - 1].astype(np.float64)
+    targets = chunk[first + 1:]
+    with np.errstate(all="ignore"):  # damaged weights: the caller reports the NaNs
+        peak = logits.max(axis=1)
+        log_z = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
+        return log_z - logits[np.arange(len(targets)), targets]
+
+
 def perplexity(model: Transformer, tokens: list[int], bos_id: int | None, n_chunks: int = -1,
                on_chunk: Callable[[int, float], None] = lambda i, ppl: None) -> Perplexity:
     """Score tokens (the whole text, tokenized with the model's BOS rule) in chunks of model.n_ctx.
@@ -30,7 +43,6 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int | None, n_chun
     if available < 1:
         raise HybridInferError(f"the text has {len(tokens)} tokens, fewer than one chunk of {n_ctx} (-c)")
     n = available if n_chunks < 0 else min(n_chunks, available)
-    first = n_ctx // 2
     out = Perplexity(n_ctx)
     nll_sum = nll2_sum = 0.0
     count = 0
@@ -38,13 +50,9 @@ def perplexity(model: Transformer, tokens: list[int], bos_id: int | None, n_chun
         chunk = np.array(tokens[i * n_ctx:(i + 1) * n_ctx])
         if bos_id is not None:
             chunk[0] = bos_id
-        logits = model.forward(chunk, 0, all_logits=True)[first:n_ctx - 1].astype(np.float64)
-        if not np.isfinite(logits).all():
+        nll = chunk_nll(model, chunk)
+        if not np.isfinite(nll).all():
             raise HybridInferError(f"the model produced non-finite logits in chunk {i + 1}: its weights are damaged")
-        targets = chunk[first + 1:]
-        peak = logits.max(axis=1)
-        log_z = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1))
-        nll = log_z - logits[np.arange(len(targets)), targets]
         out.chunk_nll.append(float(nll.mean()))
         nll_sum += nll.sum()
         nll2_sum += (nll * nll).sum()

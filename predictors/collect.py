@@ -7,6 +7,7 @@ truly active set), written through np.lib.format.open_memmap so a large budget n
 and collection.json (the chunks: which file, where, how many tokens).
 """
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ import numpy as np
 from tqdm import tqdm
 
 from hybridinfer.errors import HybridInferError
-from hybridinfer.ffn import active_mask
+from hybridinfer.ffn import ActiveSet
 from hybridinfer.loader import ModelArgs
 from hybridinfer.model import Transformer
 from hybridinfer.predictors.activity import ActivationStats
 from hybridinfer.predictors.format import Fingerprint
+from hybridinfer.predictors.thresholds import Thresholds
 from hybridinfer.tokenizer import Tokenizer
 
 INDEX = "collection.json"
@@ -32,21 +34,20 @@ def progress_bar(iterable=None, **kw) -> tqdm:
 
 
 class RecordingFFN:
-    """Wraps the model's FFN: computes the gate into its own buffer, hands (layer, resid, active mask)
-    to ``sink``, then lets the wrapped FFN compute the output unchanged."""
+    """Wraps the model's FFN: computes the gate (and up) into its own buffers, hands (layer, resid,
+    active mask) to ``sink``, then lets the wrapped FFN compute the output unchanged."""
 
-    def __init__(self, inner, args: ModelArgs, n_batch: int):
-        active_mask(args.ffn_act, np.zeros((1, 1), np.float32), np.zeros((1, 1), bool))  # refuse SiLU early
-        self.inner, self.act = inner, args.ffn_act
+    def __init__(self, inner, args: ModelArgs, n_batch: int, active: ActiveSet):
+        self.inner, self.active = inner, active.check()  # a SiLU model without thresholds: refused early
         self.gate = np.zeros((n_batch, args.n_ff), np.float32)
+        self.up = np.zeros((n_batch, args.n_ff), np.float32)
         self.mask = np.zeros((n_batch, args.n_ff), bool)
         self.sink = lambda layer, resid, mask: None
 
     def __call__(self, layer, blk, resid, xn, out) -> None:
         T = len(xn)
-        gate, mask = self.gate[:T], self.mask[:T]
-        blk.ffn_gate(xn, gate)
-        active_mask(self.act, gate, mask)
+        mask = self.mask[:T]
+        self.active.of(layer, blk, xn, self.gate[:T], self.up[:T], mask)
         self.sink(layer, resid, mask)
         self.inner(layer, blk, resid, xn, out)
 
@@ -127,12 +128,13 @@ def _interleave(lists):
         yield [x[k] for x in lists if k < len(x)]
 
 
-def _request(model: Transformer, texts: list[Path], n_tokens: int, model_id: str) -> dict:
+def _request(model: Transformer, texts: list[Path], n_tokens: int, model_id: str, cett: Thresholds | None) -> dict:
     """What a collection depends on, to tell whether one in a work directory can be reused."""
     files = [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "mtime": Path(p).stat().st_mtime}
              for p in texts]
-    return {"model": model_id, "ffn_act": str(model.args.ffn_act), "n_ctx": model.n_ctx, "n_tokens": n_tokens,
-            "texts": files}
+    cett_id = cett and hashlib.sha256(b"".join(cett.ffn(i).tobytes() for i in range(len(cett.layers)))).hexdigest()
+    return {"model": model_id, "ffn_act": str(model.args.ffn_act), "cett": cett_id, "n_ctx": model.n_ctx,
+            "n_tokens": n_tokens, "texts": files}
 
 
 @dataclass
@@ -167,10 +169,11 @@ def plan(tokenizer: Tokenizer, texts: list[Path], n_tokens: int, n_ctx: int) -> 
     return Plan(streams, chunks, bos)
 
 
-def replay(model: Transformer, p: Plan, sink, progress: bool, desc: str) -> None:
+def replay(model: Transformer, p: Plan, sink, progress: bool, desc: str, cett: Thresholds | None = None) -> None:
     """Run the model over the plan's chunks, handing each FFN layer's (layer, first row, resid, active
-    mask) to sink: the rows are the chunks' rows in the recorded arrays (Chunk.start onwards)."""
-    recorder = RecordingFFN(model.ffn, model.args, model.n_batch)
+    mask) to sink: the rows are the chunks' rows in the recorded arrays (Chunk.start onwards). The
+    active set is the activation's zeros, or that of CETT thresholds."""
+    recorder = RecordingFFN(model.ffn, model.args, model.n_batch, ActiveSet(model.args.ffn_act, cett))
     inner, model.ffn = model.ffn, recorder
     try:
         with progress_bar(total=p.n_tokens, unit="tok", desc=desc, disable=not progress) as bar:
@@ -186,7 +189,7 @@ def replay(model: Transformer, p: Plan, sink, progress: bool, desc: str) -> None
 
 
 def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_tokens: int, work_dir: str | Path,
-            progress: bool = True, model_id: str | None = None) -> Collection:
+            progress: bool = True, model_id: str | None = None, cett: Thresholds | None = None) -> Collection:
     """Run model over up to n_tokens tokens of texts in chunks of model.n_ctx; record into work_dir.
 
     With model_id (naming the model file and its version), a complete collection already in
@@ -195,7 +198,7 @@ def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_token
     a = model.args
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    request = _request(model, texts, n_tokens, model_id) if model_id else None
+    request = _request(model, texts, n_tokens, model_id, cett) if model_id else None
     if request and (work_dir / INDEX).is_file():
         index = json.loads((work_dir / INDEX).read_text(encoding="utf-8"))
         if index.get("request") == request:
@@ -215,7 +218,7 @@ def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_token
         resid[layer][row:row + len(x)] = x
         masks[layer][row:row + len(x)] = np.packbits(mask, axis=1)
 
-    replay(model, p, sink, progress, "collect")
+    replay(model, p, sink, progress, "collect", cett)
     for arr in resid + masks:
         arr.flush()
     del resid, masks
@@ -224,7 +227,7 @@ def collect(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_token
 
 
 def profile(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_tokens: int, fingerprint: Fingerprint,
-            progress: bool = True) -> ActivationStats:
+            progress: bool = True, cett: Thresholds | None = None) -> ActivationStats:
     """Count, per layer and neuron, the tokens among up to n_tokens tokens of texts (chunks of
     model.n_ctx, as collect takes them) for which the neuron was truly active."""
     p = plan(tokenizer, texts, n_tokens, model.n_ctx)
@@ -233,5 +236,5 @@ def profile(model: Transformer, tokenizer: Tokenizer, texts: list[Path], n_token
     def sink(layer, row, x, mask):
         counts[layer] += np.count_nonzero(mask, axis=0)
 
-    replay(model, p, sink, progress, "profile")
+    replay(model, p, sink, progress, "profile", cett)
     return ActivationStats(counts, p.n_tokens, fingerprint)

@@ -22,7 +22,7 @@ from hybridinfer.loader import ModelArgs
 from hybridinfer.model import load_model
 from hybridinfer.perplexity import perplexity
 from hybridinfer.tokenizer import Tokenizer
-from hybridinfer.ffn import active_mask
+from hybridinfer.ffn import ActiveSet
 from hybridinfer.loader import model_fingerprint
 from hybridinfer.predictors.format import PredictorError
 from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES, PredictorSet
@@ -34,6 +34,7 @@ class MaskedFFN:
 
     def __init__(self, args: ModelArgs, predictors: PredictorSet, n_batch: int):
         self.act, self.predictors = args.ffn_act, predictors
+        self.active = ActiveSet(args.ffn_act)
         self.gate = np.zeros((n_batch, args.n_ff), np.float32)
         self.up = np.zeros((n_batch, args.n_ff), np.float32)
         self.true = np.zeros((n_batch, args.n_ff), bool)
@@ -45,7 +46,7 @@ class MaskedFFN:
         gate, up, true, pred = self.gate[:T], self.up[:T], self.true[:T], self.pred[:T]
         blk.ffn_gate(xn, gate)
         blk.ffn_up(xn, up)
-        active_mask(self.act, gate, true)
+        self.active.mask(layer, gate, up, true)
         self.predictors.predict_mask(layer, resid, pred)
         activate(self.act, gate, up)
         gate *= pred

@@ -307,11 +307,12 @@ def test_fingerprint_ignores_quant_type(tmp_path):
 
 def test_recording_ffn_records_true_set(relu_model):
     from hybridinfer.model import load_model
+    from hybridinfer.ffn import ActiveSet
     from hybridinfer.predictors.collect import RecordingFFN
     _, model = load_model(relu_model, 32)
     tokens = np.arange(3, 20)
     dense = model.forward(tokens, 0, all_logits=True).copy()
-    rec = RecordingFFN(model.ffn, model.args, model.n_batch)
+    rec = RecordingFFN(model.ffn, model.args, model.n_batch, ActiveSet(model.args.ffn_act))
     seen = {}
     rec.sink = lambda layer, resid, mask: seen.setdefault(layer, (resid.copy(), mask.copy()))
     model.ffn = rec
@@ -350,10 +351,11 @@ def test_collect_refuses_silu(tmp_path):
 
     from hybridinfer.errors import HybridInferError
     from hybridinfer.model import load_model
+    from hybridinfer.ffn import ActiveSet
     from hybridinfer.predictors.collect import RecordingFFN
     _, model = load_model(write_llama_gguf(tmp_path / "silu.gguf", ffn_act=None), 32)
     with pytest.raises(HybridInferError, match="no exact zeros"):
-        RecordingFFN(model.ffn, model.args, 4)
+        RecordingFFN(model.ffn, model.args, 4, ActiveSet(model.args.ffn_act))
 
 
 def test_plan_chunks():

@@ -107,3 +107,36 @@ def test_missing_inputs(setup, capsys):
             main(argv)
         assert e.value.code == 1
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def _thresholds(setup, method):
+    """CETT or TEAL thresholds for the setup's model run as SiLU (random)."""
+    from hybridinfer.loader import FFNActivation
+    from hybridinfer.predictors.thresholds import TEAL_MATRICES, Thresholds, save
+    tmp, model, _ = setup
+    g = GGUFFile(model)
+    fp = model_fingerprint(g, ModelArgs.from_metadata(g.metadata, FFNActivation("silu")))
+    rng = np.random.default_rng(1)
+    layers = [{"ffn_act": (0.1 * rng.random(N_FF)).astype(np.float32)} if method == "cett" else
+              {name: np.array([0.1], np.float32) for name in TEAL_MATRICES} for _ in range(2)]
+    save(tmp / method, Thresholds(method, fp, layers))
+    return tmp / method
+
+
+def test_trains_for_cett_sets_of_a_silu_model(setup):
+    """--thresholds: the predictor learns the CETT set of a SiLU model, and its table measures against it."""
+    tmp, _, _ = setup
+    out = tmp / "cett-pred"
+    assert _run(setup, out, "--ffn-act", "silu", "--thresholds", str(_thresholds(setup, "cett"))) == 0
+    config = json.loads((out / CONFIG).read_text())
+    assert config["training"]["ffn_act"] == "silu" and config["training"]["thresholds"].endswith("cett")
+    v = config["validation"]["overall"]
+    assert 0.05 < v["true_sparsity"] < 0.95 and v["recall"] > 0.5
+
+
+def test_refuses_teal_thresholds(setup, capsys):
+    tmp, _, _ = setup
+    with pytest.raises(SystemExit) as e:
+        _run(setup, tmp / "bad", "--ffn-act", "silu", "--thresholds", str(_thresholds(setup, "teal")))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "teal thresholds" in err, err

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the activation predictors of a ReLU llama model: collect, train, calibrate, validate, write.
+"""Train the activation predictors of a ReLU llama model (or any, for CETT thresholds): collect, train, calibrate, validate, write.
 
     python tools/train_predictor.py MODEL.gguf --data TEXT [TEXT ...] -o DIR
 
@@ -46,7 +46,8 @@ def _existing_file(text: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train_predictor.py", description=__doc__.splitlines()[1],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 4)[4])
-    p.add_argument("model", type=_existing_file, help="GGUF model with a ReLU or FATReLU FFN")
+    p.add_argument("model", type=_existing_file,
+                   help="GGUF model with a ReLU, dReLU or FATReLU FFN, or any with --thresholds")
     p.add_argument("--data", type=_existing_file, nargs="+", required=True, metavar="TEXT",
                    help="UTF-8 text files to run the model over (the budget is split evenly between them)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="predictor directory to write")
@@ -60,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float_in(0.0, 1.0, low_open=True), default=DEFAULTS.target_recall,
                    help=f"recall each layer's threshold is set to reach on held-out chunks "
                         f"(default: {DEFAULTS.target_recall})")
-    p.add_argument("--ffn-act", type=ffn_act_arg, metavar="relu|fatrelu:T",
+    p.add_argument("--thresholds", type=Path, metavar="DIR",
+                   help="CETT thresholds (hybridinfer calibrate --method cett): train for the sets they define, "
+                        "on any activation (SiLU included)")
+    p.add_argument("--ffn-act", type=ffn_act_arg, metavar="relu|drelu|fatrelu:T",
                    help="FFN activation, overriding the file's hybridinfer.ffn_activation")
     p.add_argument("-c", "--ctx-size", type=int_at_least(2),
                    help="tokens per chunk (default: the model's training context, at most 512)")
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from hybridinfer.loader import model_fingerprint
     from hybridinfer.predictors.collect import Collection, collect
     from hybridinfer.predictors.format import PredictorError, save
+    from hybridinfer.predictors.thresholds import load as load_thresholds
     from hybridinfer.predictors.train import split_chunks, train
 
     start = time.perf_counter()
@@ -103,20 +108,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.ctx_size and args.ctx_size > a.n_ctx_train:
             parser.error(f"-c {args.ctx_size} is out of range: the model was trained for at most {a.n_ctx_train}")
         gguf, model = load_model(args.model, args.ctx_size or min(a.n_ctx_train, 512), args.ffn_act)
-        if not a.ffn_act.sparse:
+        fp = model_fingerprint(gguf, a)
+        cett = load_thresholds(args.thresholds, fp) if args.thresholds else None
+        if cett is not None and cett.method != "cett":
+            parser.error(f"--thresholds '{args.thresholds}' holds {cett.method} thresholds, which define no FFN "
+                         f"active set: give CETT ones (hybridinfer calibrate --method cett)")
+        if not a.ffn_act.sparse and cett is None:
             parser.error(f"the model's FFN activation is {a.ffn_act}, which leaves no exact zeros to predict: "
-                         f"give a ReLU model or --ffn-act relu / fatrelu:T")
+                         f"give a ReLU model, --ffn-act relu / drelu / fatrelu:T, or CETT --thresholds DIR")
         if args.rank > a.n_ff:
             parser.error(f"--rank {args.rank} is out of range: the model has n_ff = {a.n_ff}")
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
-        fp = model_fingerprint(gguf, a)
         opts = TrainOptions(rank=args.rank, epochs=args.epochs, seed=args.seed, target_recall=args.target_recall,
                             batch_size=args.batch_size, lr=args.lr, progress=not args.quiet)
         with tempfile.TemporaryDirectory(prefix="hybridinfer-collect-") as tmp:
             work = args.work_dir or Path(tmp)
             stat = Path(args.model).stat()
             model_id = f"{Path(args.model).resolve()}:{stat.st_size}:{stat.st_mtime}"
-            col = collect(model, tokenizer, args.data, args.tokens, work, not args.quiet, model_id)
+            col = collect(model, tokenizer, args.data, args.tokens, work, not args.quiet, model_id, cett)
             collect_s = time.perf_counter() - start
             try:
                 split_chunks(len(col.chunks), args.seed)
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--tokens {args.tokens}: {e}")
             weights, stats, info = train(Collection.open(work), fp, opts, args.threads)
         total_s = time.perf_counter() - start
-        info["training"].update({"model": Path(args.model).name, "ffn_act": str(a.ffn_act), "threads": args.threads,
+        info["training"].update({"model": Path(args.model).name, "ffn_act": str(a.ffn_act),
+                                 "thresholds": str(args.thresholds) if cett else None, "threads": args.threads,
                                  "collect_seconds": round(collect_s, 1), "seconds": round(total_s, 1),
                                  "train_seconds": info["training"]["seconds"],
                                  "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})

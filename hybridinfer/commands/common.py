@@ -12,14 +12,17 @@ import numba
 from hybridinfer import cuda_side, kernels, sparse_gguf
 from hybridinfer.errors import HybridInferError
 from hybridinfer.gguf_file import GGUFFile
+from hybridinfer.inputs import InputSparseFFN, InputSparsity
 from hybridinfer.loader import FFNActivation, ModelArgs, Weights, load_weights, model_fingerprint
-from hybridinfer.ffn import SPARSE_MODES, CPUSide, HybridFFN, make_ffn
+from hybridinfer.ffn import SPARSE_MODES, ActiveSet, CPUSide, HybridFFN, make_ffn
 from hybridinfer.model import N_BATCH, RunState, Transformer
 from hybridinfer.placement import Placement, neuron_bytes, place
 from hybridinfer.predictors import PredictorError, PredictorSet, SparsityStats, activity
 from hybridinfer.predictors import load as load_predictor
 from hybridinfer.predictors.activity import ActivationStats
 from hybridinfer.predictors.mlp import DEFAULT_QTYPE, PREDICTOR_QTYPES
+from hybridinfer.predictors.thresholds import Thresholds
+from hybridinfer.predictors.thresholds import load as load_thresholds
 from hybridinfer.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-relu-llama.q8_0.gguf"
@@ -78,11 +81,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
     parser.add_argument("--ffn-act", type=ffn_act_arg, metavar="silu|relu|fatrelu:T",
                         help="FFN activation (default: the file's hybridinfer.ffn_activation, silu where it has none)")
     if not sparse_options:
-        parser.set_defaults(sparse="off", predictor=None, predictor_type=DEFAULT_QTYPE)
+        parser.set_defaults(sparse="off", predictor=None, predictor_type=DEFAULT_QTYPE, thresholds=None)
         return
     parser.add_argument("--sparse", choices=SPARSE_MODES,
-                        help="FFN mode (default: predicted with --predictor, else exact for ReLU/FATReLU "
-                             "models, else off)")
+                        help="FFN mode (default: predicted with --predictor, else exact for ReLU/FATReLU/dReLU "
+                             "models or CETT --thresholds, input for TEAL --thresholds, else off)")
+    parser.add_argument("--thresholds", type=Path, metavar="DIR",
+                        help="calibrated thresholds (hybridinfer calibrate): CETT ones define the active set of "
+                             "--sparse exact and predicted on SiLU models, TEAL ones drive --sparse input")
     parser.add_argument("--predictor", type=Path, metavar="DIR",
                         help="predictor directory (ours or PowerInfer's); the default model uses its own")
     parser.add_argument("--predictor-type", choices=list(PREDICTOR_QTYPES), default=DEFAULT_QTYPE,
@@ -105,8 +111,8 @@ class Session:
     tokenizer: Tokenizer
     model: Transformer
     load_s: float
-    mode: str  # the FFN mode: off, exact or predicted
-    stats: SparsityStats | None  # with stats=True
+    mode: str  # the FFN mode: off, exact, predicted or input
+    stats: SparsityStats | InputSparsity | None  # with stats=True (input mode: the inputs' counts)
     split: "Split | None" = None  # with --vram-budget
 
     @property
@@ -125,7 +131,8 @@ class Split:
     counts: ActivationStats
 
     def model(self, margs: ModelArgs, weights: Weights, n_ctx: int, predictor: PredictorSet,
-              sparsity: SparsityStats | None = None, whole_layers: bool = False) -> Transformer:
+              sparsity: SparsityStats | None = None, cett: Thresholds | None = None,
+              whole_layers: bool = False) -> Transformer:
         """A model whose FFN is split by a placement under the budget (with whole_layers: whole
         layers from the first, the baseline) and whose first layers' attention runs on the fast side
         where the placement puts it there."""
@@ -134,21 +141,32 @@ class Split:
                           side.scratch_bytes(margs), side.layer_bytes(weights.blk, margs, n_ctx),
                           whole_layers=whole_layers)
         model = Transformer(margs, weights, n_ctx,
-                            HybridFFN(margs, N_BATCH, weights.blk, predictor, placement, side, sparsity))
+                            HybridFFN(margs, N_BATCH, weights.blk, predictor, placement, side, sparsity,
+                                      ActiveSet(margs.ffn_act, cett)))
         side.attach(model, placement.layers)
         return model
 
 
-def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: bool) -> str:
-    mode = args.sparse or ("predicted" if predictor else "exact" if act.sparse else "off")
+def _sparse_mode(args: argparse.Namespace, act: FFNActivation, predictor: bool, thresholds: Thresholds | None) -> str:
+    method = thresholds.method if thresholds else None
+    mode = args.sparse or ("input" if method == "teal" else "predicted" if predictor
+                           else "exact" if act.sparse or method == "cett" else "off")
     if mode == "predicted" and not predictor:
-        raise HybridInferError("--sparse predicted needs a predictor: give --predictor DIR "
-                               "(train one with tools/train_predictor.py)")
+        train = "tools/train_predictor.py --thresholds DIR" if method == "cett" else "tools/train_predictor.py"
+        raise HybridInferError(f"--sparse predicted needs a predictor: give --predictor DIR (train one with {train})")
     if mode != "predicted" and args.predictor:
         raise HybridInferError(f"--predictor is used by --sparse predicted only, not --sparse {mode}")
-    if mode != "off" and not act.sparse:
+    if mode == "input" and method != "teal":
+        raise HybridInferError("--sparse input needs TEAL thresholds: give --thresholds DIR made by hybridinfer "
+                               "calibrate --method teal")
+    if method == "teal" and mode != "input":
+        raise HybridInferError(f"TEAL thresholds (--thresholds) are for --sparse input, not --sparse {mode}")
+    if method == "cett" and mode == "off":
+        raise HybridInferError("CETT thresholds (--thresholds) are for --sparse exact or predicted, not --sparse off")
+    if mode in ("exact", "predicted") and not act.sparse and method != "cett":
         raise HybridInferError(f"--sparse {mode} needs an FFN activation with exact zeros, but the model uses "
-                               f"{act}: pass --ffn-act relu or fatrelu:T if it was trained so")
+                               f"{act}: pass --ffn-act relu, drelu or fatrelu:T if it was trained so, or CETT "
+                               f"--thresholds DIR (hybridinfer calibrate --method cett)")
     return mode
 
 
@@ -184,6 +202,15 @@ def _fast_side(device: str, margs: ModelArgs, budget: int):
         raise HybridInferError(f"--vram-budget {budget / 2**30:.2f} GiB is more than the GPU's free memory "
                                f"({free / 2**30:.2f} GiB): give at most that")
     return side
+
+
+def check_plot(path: Path | None) -> None:
+    """With --plot, refuse before the work, not after it, where matplotlib is missing."""
+    try:
+        if path is not None:
+            activity.pyplot()
+    except activity.StatsError as e:
+        raise HybridInferError(str(e)) from None
 
 
 def available_memory() -> int:
@@ -232,13 +259,17 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
               f"{margs.n_ctx_train}", file=sys.stderr)
     default_predictor = DEFAULT_PREDICTOR if path == DEFAULT_MODEL and args.sparse in (None, "predicted") else None
     predictor_dir = args.predictor or default_predictor  # else a sparse GGUF's own, if it has one
-    mode = _sparse_mode(args, margs.ffn_act, bool(predictor_dir) or sparse_gguf.has_predictor(gguf))
+    fp = model_fingerprint(gguf, margs)
+    try:
+        thresholds = load_thresholds(args.thresholds, fp) if getattr(args, "thresholds", None) else None
+    except PredictorError as e:
+        raise HybridInferError(str(e)) from None
+    mode = _sparse_mode(args, margs.ffn_act, bool(predictor_dir) or sparse_gguf.has_predictor(gguf), thresholds)
     embedded_profile = sparse_gguf.profile(gguf, margs)  # a converted file's, if it carries one
     device, profile = _split(args, mode, path, embedded_profile is not None)
     with kernels.compile_notice():  # a first run compiles its kernels here, before any text streams
         weights = load_weights(gguf, margs)
         predictor = None
-        fp = model_fingerprint(gguf, margs)
         try:
             if mode == "predicted" and predictor_dir:
                 trained = sparse_gguf.permuted_predictor(load_predictor(predictor_dir, fp), gguf, margs)
@@ -250,11 +281,18 @@ def load_session(args: argparse.Namespace, n_ctx: int | None = None, stats: bool
         except PredictorError as e:
             raise HybridInferError(str(e)) from None
         sparsity = SparsityStats(margs.n_layer, margs.n_ff) if stats and mode != "off" else None
+        cett = thresholds if thresholds and thresholds.method == "cett" else None
         split = None
-        if device:
+        if mode == "input":
+            inputs = InputSparsity(weights.blk, thresholds, N_BATCH)
+            model = Transformer(margs, weights, n_ctx, InputSparseFFN(margs, N_BATCH, inputs, counting=stats),
+                                inputs=inputs)
+            sparsity = inputs if stats else None
+        elif device:
             split = Split(device, int(args.vram_budget * 2**30), counts)
-            model = split.model(margs, weights, n_ctx, predictor, sparsity)
+            model = split.model(margs, weights, n_ctx, predictor, sparsity, cett)
         else:
-            model = Transformer(margs, weights, n_ctx, make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity))
+            model = Transformer(margs, weights, n_ctx,
+                                make_ffn(mode, margs, weights.blk, N_BATCH, predictor, sparsity, cett))
         model.warm_up()
     return Session(gguf, tokenizer, model, time.perf_counter() - start, mode, sparsity, split)

@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from hybridinfer.commands.common import add_model_arguments, int_at_least, load_session
+from hybridinfer.commands.common import add_model_arguments, check_plot, int_at_least, load_session
 from hybridinfer.errors import HybridInferError
 from hybridinfer.loader import model_fingerprint
-from hybridinfer.predictors.activity import StatsError, plot, pyplot
+from hybridinfer.predictors.activity import StatsError, plot
 from hybridinfer.predictors.collect import profile
 
 DEFAULT_TOKENS = 16384
@@ -35,11 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.output.is_dir():  # before the work, not after it
         raise HybridInferError(f"-o '{args.output}' is a directory: give the statistics file's name")
-    try:
-        if args.plot is not None:
-            pyplot()  # matplotlib is there: before the work, not after it
-    except StatsError as e:
-        raise HybridInferError(str(e)) from None
+    check_plot(args.plot)
     s = load_session(args)
     if not s.model.args.ffn_act.sparse:  # before reading the texts, which may be large
         raise HybridInferError(f"the model's FFN activation is {s.model.args.ffn_act}, which leaves no exact zeros "

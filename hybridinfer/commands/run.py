@@ -82,7 +82,10 @@ def main(args: argparse.Namespace) -> int:
           f"({g.gen_tps:8.2f} tokens per second)", file=log)
     print(f"time to first token = {timings['time_to_first_token_ms']:.2f} ms (load + prompt), "
           f"stopped by {g.stopped_by}, FFN mode {s.mode}", file=log)
-    if stats:
+    if stats and s.mode == "input":
+        print(f"\nInput sparsity over prompt and generated tokens: the share of each matrix's inputs dropped "
+              f"(input mode):\n{s.stats.markdown()}", file=log)
+    elif stats:
         print(f"\nFFN sparsity over prompt and generated tokens ({s.mode} mode; the true set comes from the "
               f"dense gate, computed for these figures only):\n{s.stats.markdown()}", file=log)
         if s.mode == "predicted":
