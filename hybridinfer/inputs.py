@@ -31,7 +31,8 @@ class InputSparsity:
         self.masked = np.zeros(n_batch * width, np.float32)  # a batch's masked input, any width
         self.seen = np.zeros((len(blocks), len(TEAL_MATRICES)), np.int64)
         self.kept = np.zeros((len(blocks), len(TEAL_MATRICES)), np.int64)
-        self.counting = False
+        self.counting = False  # count the inputs seen and kept, each matrix called on its own
+        self.paused = False  # counting, but not now (warm-up): the same kernels, nothing counted
 
     @property
     def fused(self) -> bool:
@@ -49,7 +50,7 @@ class InputSparsity:
     def __call__(self, layer: int, name: str, matrix: Matrix, x: np.ndarray, out: np.ndarray) -> None:
         t = self.t[layer][name]
         keep = np.abs(x) >= t
-        if self.counting:
+        if self.counting and not self.paused:
             j = TEAL_MATRICES.index(name)
             self.seen[layer, j] += x.size
             self.kept[layer, j] += np.count_nonzero(keep)
@@ -95,10 +96,11 @@ class InputSparseFFN(DenseFFN):
 
     @contextlib.contextmanager
     def uncounted(self):
-        counting, self.inputs.counting = self.inputs.counting, False
+        """Calls within the block count nothing but run the kernels a counted run runs (warm-up's)."""
+        paused, self.inputs.paused = self.inputs.paused, True
         with super().uncounted():
             yield
-        self.inputs.counting = counting
+        self.inputs.paused = paused
 
     def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         if len(xn) == 1 and self.inputs.fused:

@@ -67,9 +67,30 @@ def test_warm_up_leaves_nothing_to_compile(mode, n_prompt, new_overloads):
     if stats:
         assert stats.tokens.sum() == 0  # the warm-up is not counted
     assert getattr(model.ffn, "decoded", [0, 0]) == [0, 0]
+    _generate_compiles_nothing(model, args, n_prompt, new_overloads)
+
+
+def _generate_compiles_nothing(model, args, n_prompt, new_overloads):
     new_overloads.clear()
     tokens = np.random.default_rng(n_prompt).integers(3, args.n_vocab, n_prompt + 3)
     model.forward(tokens[:n_prompt], 0)
     for pos in range(n_prompt, len(tokens)):
         model.forward(tokens[pos:pos + 1], pos)
     assert new_overloads == []
+
+
+@pytest.mark.parametrize("counting", [False, True])
+def test_warm_up_leaves_nothing_to_compile_in_input_mode(counting, new_overloads):
+    """--sparse input, its fused decode and (--stats) its step matrix by matrix."""
+    from hybridinfer.inputs import InputSparseFFN, InputSparsity
+    from hybridinfer.predictors.thresholds import TEAL_MATRICES, Thresholds
+    gguf = GGUFFile(DEFAULT_MODEL)
+    args = ModelArgs.from_metadata(gguf.metadata)
+    weights = load_weights(gguf, args)
+    th = Thresholds("teal", model_fingerprint(gguf, args), [{name: np.array([0.5], np.float32) for name in
+                                                             TEAL_MATRICES} for _ in range(args.n_layer)])
+    inputs = InputSparsity(weights.blk, th, N_BATCH)
+    model = Transformer(args, weights, 64, InputSparseFFN(args, N_BATCH, inputs, counting), inputs=inputs)
+    model.warm_up()
+    assert inputs.seen.sum() == 0  # the warm-up is not counted
+    _generate_compiles_nothing(model, args, 2, new_overloads)
