@@ -78,7 +78,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, ctx_default: int | None
     parser.add_argument("-t", "--threads", type=int_at_least(1, MAX_THREADS, ": this machine's cores"),
                         default=DEFAULT_THREADS,
                         help=f"threads (default: {DEFAULT_THREADS})")
-    parser.add_argument("--ffn-act", type=ffn_act_arg, metavar="silu|relu|fatrelu:T",
+    parser.add_argument("--ffn-act", type=ffn_act_arg, metavar="silu|relu|drelu|fatrelu:T",
                         help="FFN activation (default: the file's hybridinfer.ffn_activation, silu where it has none)")
     if not sparse_options:
         parser.set_defaults(sparse="off", predictor=None, predictor_type=DEFAULT_QTYPE, thresholds=None)
