@@ -13,11 +13,10 @@ last lines extrapolate it to a 7B model (32 layers of 4 x 4096x4096, 2 x 11008x4
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
-from bench_kernels import random_weights, time_calls
+from bench_kernels import random_weights, start, time_calls
 from gguf import GGMLQuantizationType
 
 from hybridinfer import kernels
@@ -61,13 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed passes; the median is reported")
     parser.add_argument("--stream-mb", type=int, default=256, help="MB of distinct matrices per timing")
     args = parser.parse_args()
-    if args.repeats < 1 or args.stream_mb < 1:
-        parser.error("--repeats and --stream-mb must be positive")
-    kernels.set_threads(args.threads)
-    rng = np.random.default_rng(0)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f}: other processes share the cores, timings will be noisy")
+    rng = start(parser, args)
     print(f"threads {args.threads}, {args.stream_mb} MB of matrices streamed per timing, median of {args.repeats}\n")
     print("| type | n_out x n_in | MB | dense ms (GB/s) | " + " | ".join(f"{p:.0%} dropped ms (ratio)" for p in DROPPED)
           + " | build ms |")

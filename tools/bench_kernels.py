@@ -112,6 +112,18 @@ def bench_matmul(qtype, shape, T, repeats, rng):
     return time_calls(lambda m: kernels.matmul(qtype, m, x, out), [w] * max(1, 64 // T), repeats)
 
 
+def start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> np.random.Generator:
+    """Check --repeats and --stream-mb, set --threads, warn when other processes load the machine; the
+    seeded random generator of the matrices."""
+    if args.repeats < 1 or args.stream_mb < 1:
+        parser.error("--repeats and --stream-mb must be positive")
+    kernels.set_threads(args.threads)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.1f}: other processes share the cores, timings will be noisy")
+    return np.random.default_rng(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-t", "--threads", type=int, default=2, help="kernel threads (default 2)")
@@ -124,13 +136,7 @@ def main() -> None:
     for n in names:
         if n not in GGMLQuantizationType.__members__ or GGMLQuantizationType[n] not in kernels.SUPPORTED_TYPES:
             parser.error(f"--types: {n!r} is not one of {', '.join(ORDER)}")
-    if args.repeats < 1 or args.stream_mb < 1:
-        parser.error("--repeats and --stream-mb must be positive")
-    kernels.set_threads(args.threads)
-    rng = np.random.default_rng(0)
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f}: other processes share the cores, timings will be noisy")
+    rng = start(parser, args)
 
     t0 = time.perf_counter()
     kernels.matvec(GGMLQuantizationType.Q4_0, random_weights(GGMLQuantizationType.Q4_0, 4, 32, rng),
