@@ -15,9 +15,7 @@ share of ("of read").
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
