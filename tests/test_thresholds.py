@@ -333,3 +333,23 @@ def test_calibrate_sparsity_end_to_end(cli_setup, silu_f32, method):
     run = cli("run", "-m", str(silu_f32), "-p", "the and", "-n", "4", "--thresholds", str(out), "--stats", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["sparse"] == ("exact" if method == "cett" else "input")
+
+
+def test_sparsity_sweep(cli_setup, silu_f32, tmp_path):
+    """hybridinfer sparsity: every method's rows, ratios against the dense row, per-layer ratios, the plot;
+    top-k keeps exactly its share and the calibrated TEAL setting its inputs."""
+    pytest.importorskip("matplotlib")
+    tmp, _, text = cli_setup
+    result = cli("sparsity", str(silu_f32), "-f", str(text), "-c", "32", "--chunks", "2", "--thresholds",
+                 str(tmp / "teal"), "--plot", str(tmp_path / "sweep.png"), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert rows[0]["method"] == "dense" and rows[0]["ppl_ratio"] == 1.0
+    assert {r["method"] for r in rows} == {"dense", "top-k", "FATReLU threshold", "CETT", "TEAL (inputs)"}
+    top = [r for r in rows if r["method"] == "top-k"]
+    assert [round(r["activation_ratio"], 2) for r in top] == [0.7, 0.5, 0.35, 0.25, 0.15]
+    assert all(len(r["layers"]) == 2 and r["ppl"] > 0 for r in rows)
+    cett = [r["activation_ratio"] for r in rows if r["method"] == "CETT"]
+    assert cett == sorted(cett, reverse=True)  # a larger CETT target drops more
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert_one_line_error(cli("sparsity", str(silu_f32), "-f", str(tmp_path / "none.txt")), "cannot read")
