@@ -32,6 +32,12 @@ SEARCH_STEPS = 12  # bisection steps of the perplexity search
 NEVER = np.finfo(np.float32).max  # the threshold of a neuron whose down column is zero: never active
 
 
+def _sampled(first: int, T: int, stride: int, room: int) -> np.ndarray:
+    """The rows of a step of T tokens, the first being token number first, that fall on every stride-th
+    token, at most room of them."""
+    return (np.arange(first, first + T) % stride == 0).nonzero()[0][:room]
+
+
 class _Recorder(DenseFFN):
     """Dense FFN that keeps each layer's activations a [T, n_ff] of every stride-th token."""
 
@@ -44,24 +50,18 @@ class _Recorder(DenseFFN):
     def __call__(self, layer, blk, resid, xn, out) -> None:
         super().__call__(layer, blk, resid, xn, out)
         T = len(xn)
-        take = (np.arange(self.seen, self.seen + T) % self.stride == 0).nonzero()[0]
-        take = take[:len(self.acts[layer]) - self.n[layer]]
+        take = _sampled(self.seen, T, self.stride, len(self.acts[layer]) - self.n[layer])
         self.acts[layer][self.n[layer]:self.n[layer] + len(take)] = self.gate[take]
         self.n[layer] += len(take)
         if layer == len(self.acts) - 1:
             self.seen += T
 
 
-def _chunks(plan: Plan):
-    for c in plan.chunks:
-        n_text = c.length - (plan.bos is not None)
-        yield np.array(([plan.bos] if plan.bos is not None else []) + plan.streams[c.source][c.offset:c.offset + n_text])
-
-
 def mean_nll(model: Transformer, plan: Plan, progress=None) -> float:
     """Mean negative log-likelihood over the second halves of the plan's chunks (perplexity's scoring)."""
     total, count = 0.0, 0
-    for chunk in _chunks(plan):
+    for c in plan.chunks:
+        chunk = np.array(plan.tokens(c))
         nll = chunk_nll(model, chunk)
         if not np.isfinite(nll).all():
             raise HybridInferError("the model produced non-finite logits on the calibration text: its weights are "
@@ -102,9 +102,15 @@ class Curve:
         return float(np.interp(cett, self.cett, self.sparsity))
 
 
-def cett_curve(a: np.ndarray, down: np.ndarray) -> Curve:
-    """The grid of one layer from its activations a [M, n_ff] and its down projection down [n_embd, n_ff]."""
-    norms = np.sqrt((down.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
+def down_norms(down: np.ndarray) -> np.ndarray:
+    """||down[:, i]|| f32 [n_ff] of a down projection down [n_embd, n_ff]: each neuron's contribution per unit
+    of activation."""
+    return np.sqrt((down.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
+
+
+def cett_curve(a: np.ndarray, down: np.ndarray, norms: np.ndarray) -> Curve:
+    """The grid of one layer from its activations a [M, n_ff], its down projection down [n_embd, n_ff] and
+    down_norms(down)."""
     contrib = np.abs(a) * norms
     full = np.linalg.norm(a @ down.T, axis=1)
     full[full == 0] = 1.0
@@ -146,9 +152,9 @@ def calibrate_cett(model: Transformer, plan: Plan, fp: Fingerprint, ppl_increase
     """CETT thresholds for a perplexity budget (percent) or a mean FFN sparsity; returns them and a summary."""
     acts, base = record_activations(model, plan, progress)
     downs = [blk.ffn_down.values() for blk in model.w.blk]
-    norms = [np.sqrt((d.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32) for d in downs]
-    curves = [cett_curve(a, d) for a, d in
-              zip(progress_bar(acts, desc="CETT curves", unit="layer", disable=not progress), downs)]
+    norms = [down_norms(d) for d in downs]
+    curves = [cett_curve(a, d, n) for a, d, n in
+              zip(progress_bar(acts, desc="CETT curves", unit="layer", disable=not progress), downs, norms)]
     top = float(min(c.cett[-1] for c in curves))
 
     def mean_sparsity(target):
@@ -223,7 +229,7 @@ class _InputRecorder(InputSparsity):
         rec, n = self.samples[layer], self.n[layer]
         if name not in rec:
             rec[name] = np.zeros((self.rows, x.shape[1]), np.float16)
-        take = (np.arange(self.first, self.first + len(x)) % self.stride == 0).nonzero()[0][:self.rows - n[name]]
+        take = _sampled(self.first, len(x), self.stride, self.rows - n[name])
         rec[name][n[name]:n[name] + len(take)] = np.abs(x[take])
         n[name] += len(take)
         if layer == len(self.samples) - 1 and name == "ffn_down":

@@ -55,8 +55,7 @@ class ActiveSet:
         if self.cett is not None:
             a = gate.copy()
             activate(self.act, a, up)
-            np.greater_equal(np.abs(a), self.cett.ffn(layer), out=out)
-            out &= a != 0.0
+            out[:] = self.cett.keeps(layer, a)
         elif self.act.kind == "relu":
             np.greater(gate, 0.0, out=out)
         elif self.act.kind == "drelu":
@@ -115,7 +114,6 @@ class ExactSparseFFN(DenseFFN):
         super().__init__(args, n_batch)
         self.active, self.stats = active, stats
         self.idx = np.zeros(args.n_ff, np.int32)
-        self.mask = np.zeros((n_batch, args.n_ff), bool)
 
     def __call__(self, layer: int, blk: Block, resid: np.ndarray, xn: np.ndarray, out: np.ndarray) -> None:
         if self.active.cett is not None:
@@ -146,12 +144,14 @@ class ExactSparseFFN(DenseFFN):
 
     def _thresholded(self, layer: int, blk: Block, xn: np.ndarray, out: np.ndarray) -> None:
         T = len(xn)
-        gate, up, mask = self.gate[:T], self.up[:T], self.mask[:T]
-        self.active.of(layer, blk, xn, gate, up, mask)
-        if self.stats:
-            self.stats.add(layer, mask, mask)
+        gate, up = self.gate[:T], self.up[:T]
+        blk.ffn_gate(xn, gate)
+        blk.ffn_up(xn, up)
         activate(self.act, gate, up)
-        gate[~mask] = 0.0
+        keep = self.active.cett.keeps(layer, gate)
+        if self.stats:
+            self.stats.add(layer, keep, keep)
+        gate[~keep] = 0.0
         blk.ffn_down(gate, out)
 
 

@@ -149,6 +149,11 @@ class Plan:
     def n_tokens(self) -> int:
         return sum(c.length for c in self.chunks)
 
+    def tokens(self, c: Chunk) -> list[int]:
+        """A chunk's tokens: BOS where the model adds one, then its text."""
+        n_text = c.length - (self.bos is not None)
+        return ([self.bos] if self.bos is not None else []) + self.streams[c.source][c.offset:c.offset + n_text]
+
 
 def plan(tokenizer: Tokenizer, texts: list[Path], n_tokens: int, n_ctx: int) -> Plan:
     """Tokenize the texts and choose up to n_tokens tokens of chunks of n_ctx (see plan_chunks)."""
@@ -178,8 +183,7 @@ def replay(model: Transformer, p: Plan, sink, progress: bool, desc: str, cett: T
     try:
         with progress_bar(total=p.n_tokens, unit="tok", desc=desc, disable=not progress) as bar:
             for c in p.chunks:
-                n_text = c.length - (p.bos is not None)
-                tokens = ([p.bos] if p.bos is not None else []) + p.streams[c.source][c.offset:c.offset + n_text]
+                tokens = p.tokens(c)
                 for i in range(0, len(tokens), model.n_batch):  # one forward step per sink call
                     recorder.sink = lambda layer, x, mask, row=c.start + i: sink(layer, row, x, mask)
                     model.forward(np.array(tokens[i:i + model.n_batch]), i)

@@ -50,6 +50,11 @@ class Thresholds:
         """CETT: tau f32[n_ff] of a layer, |a_i| >= tau_i being active."""
         return self.layers[layer]["ffn_act"]
 
+    def keeps(self, layer: int, a: np.ndarray) -> np.ndarray:
+        """CETT: bool [T, n_ff], the neurons of a layer's activations a [T, n_ff] that stay active, a_i != 0
+        and |a_i| >= tau_i."""
+        return (np.abs(a) >= self.ffn(layer)) & (a != 0.0)
+
     def input(self, layer: int, matrix: str) -> float:
         """TEAL: the input threshold of one matrix of a layer."""
         return float(self.layers[layer][matrix][0])

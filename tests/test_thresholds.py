@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from hybridinfer.calibrate import cett_curve, cett_thresholds, teal_thresholds
+from hybridinfer.calibrate import cett_curve, cett_thresholds, down_norms, teal_thresholds
 from hybridinfer.errors import HybridInferError
 from hybridinfer.ffn import ActiveSet, DenseFFN, ExactSparseFFN, make_ffn
 from hybridinfer.gguf_file import GGUFFile
@@ -83,7 +83,7 @@ def test_cett_curve_and_thresholds_against_numpy():
     a = rng.standard_normal((40, 32)).astype(np.float32) * rng.random(32).astype(np.float32)
     down = rng.standard_normal((16, 32)).astype(np.float32)
     down[:, 3] = 0.0  # a neuron that contributes nothing: never active
-    curve = cett_curve(a, down)
+    curve = cett_curve(a, down, down_norms(down))
     norms = np.linalg.norm(down, axis=0)
     contrib = np.abs(a) * norms
     for k in (0, 10, 30, len(curve.eps) - 1):

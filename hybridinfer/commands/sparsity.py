@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hybridinfer.calibrate import cett_curve, cett_thresholds, record_activations
+from hybridinfer.calibrate import cett_curve, cett_thresholds, down_norms, record_activations
 from hybridinfer.commands.common import add_model_arguments, check_plot, int_at_least, load_session
 from hybridinfer.errors import HybridInferError
 from hybridinfer.ffn import DenseFFN, activate
@@ -104,16 +104,15 @@ def main(args: argparse.Namespace) -> int:
                 [Chunk(0, i * model.n_ctx, i * model.n_ctx, model.n_ctx) for i in range(n_chunks)], bos)
     acts, _ = record_activations(model, plan, progress=not args.json)
     downs = [blk.ffn_down.values() for blk in model.w.blk]
-    norms = [np.linalg.norm(d, axis=0) for d in downs]
-    curves = [cett_curve(x, d) for x, d in zip(acts, downs)]
+    norms = [down_norms(d) for d in downs]
+    curves = [cett_curve(x, d, n) for x, d, n in zip(acts, downs, norms)]
     settings = [("top-k", f"k = {share:g} n_ff", top_k(share, a.n_ff)) for share in TOP_K]
     settings += [("FATReLU threshold", f"|a| < {t:g} dropped", lambda layer, x, t=t: np.abs(x) >= t) for t in FAT]
     for c in CETT:
         tau = cett_thresholds(curves, norms, c, fp, {})
-        settings.append(("CETT", f"CETT {c:g}", lambda layer, x, tau=tau: (np.abs(x) >= tau.ffn(layer)) & (x != 0)))
+        settings.append(("CETT", f"CETT {c:g}", tau.keeps))
     if calibrated is not None and calibrated.method == "cett":
-        settings.append(("calibrated", f"{args.calibrated}",
-                         lambda layer, x: (np.abs(x) >= calibrated.ffn(layer)) & (x != 0)))
+        settings.append(("calibrated", f"{args.calibrated}", calibrated.keeps))
 
     def ppl(ffn, inputs=None):
         model.ffn, model.inputs = ffn, inputs
